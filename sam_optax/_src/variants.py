@@ -1,0 +1,484 @@
+"""Descent rules and schedules built around the core: GSAM, LookSAM, RST, AE-SAM, MSAM."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from sam_optax._src import core
+from sam_optax._src import gating
+from sam_optax._src import tree as tu
+
+PyTree = Any
+
+
+def _pmean(tree, axis_name):
+  return tree if axis_name is None else jax.lax.pmean(tree, axis_name)
+
+
+# ------------------------------------------------------------------------ GSAM
+
+
+class GSAMState(NamedTuple):
+  """State of :func:`gsam`: the core's state."""
+  inner: core.SharpnessAwareState
+
+
+def gsam(rho: core.ScalarOrSchedule = 0.05, alpha: float = 0.6, *,
+         perturbation: optax.GradientTransformation | None = None, eps: float = 1e-12,
+         axis_name: str | tuple[str, ...] | None = None
+         ) -> optax.GradientTransformationExtraArgs:
+  r"""GSAM: the SAM gradient minus a multiple of g's part orthogonal to it.
+
+  .. math::
+     g_p = \nabla L(w + \rho_t\, d),\quad
+     g_\perp = g - (g \cdot \hat g_p)\, \hat g_p,\quad
+     \text{output} = g_p - \alpha\, g_\perp
+
+  ``alpha = 0`` with a constant ``rho`` is SAM exactly. For the paper's
+  :math:`\rho_t` that follows the learning rate, pass
+  ``rho=rho_schedule_from_lr(...)``.
+
+  Args:
+    rho: radius, a float or a schedule.
+    alpha: weight :math:`\alpha` of the orthogonal (surrogate-gap) term.
+    perturbation: the ascent geometry (default :func:`l2`).
+    axis_name: per-device perturbation, as in :func:`sharpness_aware`; g is
+      averaged over the axis before the decomposition.
+
+  References:
+    Zhuang, Gong, Yuan, Cui, Adam, Dvornek, Tatikonda, Duncan, Liu,
+    `Surrogate Gap Guided Sharpness-Aware Minimization
+    <https://arxiv.org/abs/2203.08065>`_, ICLR 2022.
+  """
+  inner = core.sharpness_aware(rho, perturbation=perturbation, eps=eps, axis_name=axis_name)
+  float(alpha)  # a clear TypeError for non-numbers
+
+  def init(params):
+    return GSAMState(inner.init(params))
+
+  def update(updates, state, params=None, **extra_args):
+    g_p, inner_state = inner.update(updates, state.inner, params, **extra_args)
+    g = _pmean(updates, axis_name)
+    unit_p = tu.normalize(g_p, eps)
+    g_perp = tu.add_scaled(g, -tu.vdot(g, unit_p), unit_p)
+    return tu.add_scaled(g_p, -alpha, g_perp), GSAMState(inner_state)
+
+  return optax.GradientTransformationExtraArgs(init, update)
+
+
+def rho_schedule_from_lr(lr_schedule: Callable[[jax.Array], jax.Array], rho_max: float,
+                         rho_min: float, lr_max: float, lr_min: float
+                         ) -> Callable[[jax.Array], jax.Array]:
+  r"""GSAM's radius schedule: :math:`\rho_t` moves linearly with the learning rate.
+
+  .. math:: \rho_t = \rho_{min} + (\rho_{max} - \rho_{min})
+            \frac{\eta_t - \eta_{min}}{\eta_{max} - \eta_{min}}
+
+  Args:
+    lr_schedule: the optax learning-rate schedule ``count -> lr``.
+    rho_max, rho_min: radii at the largest and smallest learning rate
+      (the paper: 0.6 and 0.1 for ViT-B/32).
+    lr_max, lr_min: the schedule's largest and smallest learning rates.
+
+  References:
+    Zhuang et al., `Surrogate Gap Guided Sharpness-Aware Minimization
+    <https://arxiv.org/abs/2203.08065>`_, ICLR 2022.
+  """
+  if not callable(lr_schedule):
+    raise TypeError("`rho_schedule_from_lr(lr_schedule=...)` must be an optax schedule "
+                    "(a callable of the step count).")
+  if lr_max == lr_min:
+    raise ValueError("`rho_schedule_from_lr`: `lr_max` and `lr_min` must differ; with a "
+                     "constant learning rate use a constant `rho`.")
+  core.check_rho(rho_max, "rho_schedule_from_lr")
+  core.check_rho(rho_min, "rho_schedule_from_lr")
+
+  def schedule(count):
+    lr = jnp.asarray(lr_schedule(count), jnp.float32)
+    return rho_min + (rho_max - rho_min) * (lr - lr_min) / (lr_max - lr_min)
+
+  return schedule
+
+
+# --------------------------------------------------------------------- LookSAM
+
+
+class LookSAMState(NamedTuple):
+  """State of :func:`looksam`.
+
+  Attributes:
+    count: int32 steps taken; the SAM pass runs when ``count % k == 0``.
+    inner: the core's state.
+    g_v: the stored component of the SAM gradient orthogonal to g.
+    period: int32 k (constant; lets :func:`gated_jit` decide on the host).
+  """
+  count: jax.Array
+  inner: core.SharpnessAwareState
+  g_v: PyTree
+  period: jax.Array
+
+
+def looksam(rho: core.ScalarOrSchedule = 0.05, k: int = 5, alpha: float = 0.7, *,
+            perturbation: optax.GradientTransformation | None = None, eps: float = 1e-12,
+            axis_name: str | tuple[str, ...] | None = None
+            ) -> optax.GradientTransformationExtraArgs:
+  r"""LookSAM: the SAM pass every k-th step, its direction reused in between.
+
+  On steps 0, k, 2k, ... (a call of ``grad_fn``):
+
+  .. math:: g_s = \nabla L(w + \rho\, d),\quad
+            g_v = g_s - \frac{g_s \cdot g}{\|g\|^2} g,\quad \text{output } g_s
+
+  On the other steps (no call of ``grad_fn``):
+  :math:`g + \alpha \frac{\|g\|}{\|g_v\|} g_v`. Use :func:`gated_jit` on CPU so
+  the skipped steps run one pass (see :mod:`sam_optax` docs on gating).
+
+  Args:
+    rho: radius.
+    k: period of the SAM pass (k=1 is SAM).
+    alpha: weight of the reused component.
+    perturbation: ascent geometry (default :func:`l2`).
+    axis_name: per-device perturbation; the output is averaged over the axis.
+
+  References:
+    Liu, Mai, Chen, Hsieh, You, `Towards Efficient and Scalable Sharpness-Aware
+    Minimization <https://arxiv.org/abs/2203.02714>`_, CVPR 2022.
+  """
+  if not isinstance(k, int) or isinstance(k, bool) or k < 1:
+    raise ValueError(f"`looksam(k=...)` must be an int >= 1, got {k!r}; the paper uses 5.")
+  inner = core.sharpness_aware(rho, perturbation=perturbation, eps=eps)
+
+  def init(params):
+    return LookSAMState(jnp.zeros([], jnp.int32), inner.init(params), tu.zeros_like(params),
+                        jnp.asarray(k, jnp.int32))
+
+  def update(updates, state, params=None, *, grad_fn=None, **extra_args):
+    core.check_update_call("looksam.update", params, grad_fn)
+
+    def sam_step(_):
+      g_s, inner_state = inner.update(updates, state.inner, params, grad_fn=grad_fn,
+                                      **extra_args)
+      coef = tu.vdot(g_s, updates) * tu.safe_inverse(tu.sq_norm(updates), eps * eps)
+      g_v = tu.cast_like(tu.add_scaled(g_s, -coef, updates), state.g_v)
+      return g_s, inner_state, g_v
+
+    def reuse_step(_):
+      ratio = tu.norm(updates) * tu.safe_inverse(tu.norm(state.g_v), eps)
+      out = tu.add_scaled(updates, alpha * ratio, state.g_v)
+      return out, state.inner, state.g_v
+
+    out, inner_state, g_v = gating.gate(state.count % k == 0, sam_step, reuse_step, None)
+    return (_pmean(out, axis_name),
+            LookSAMState(optax.safe_increment(state.count), inner_state, g_v, state.period))
+
+  return optax.GradientTransformationExtraArgs(init, update)
+
+
+gating.register_gate(LookSAMState, jax.jit(lambda s: s.count % s.period == 0))
+
+
+# ------------------------------------------------------------------ randomized
+
+
+class RandomizedState(NamedTuple):
+  """State of :func:`randomized`.
+
+  Attributes:
+    count: int32 steps taken.
+    key: raw PRNG key data; step t's draw uses ``fold_in(key, t)``.
+    probability: float32 probability used for the current step's draw.
+    inner: the wrapped transform's state (advanced only on steps it runs).
+  """
+  count: jax.Array
+  key: jax.Array
+  probability: jax.Array
+  inner: optax.OptState
+
+
+def _bernoulli_at(key_data, count, p):
+  key = jax.random.fold_in(jax.random.wrap_key_data(key_data), count)
+  return jax.random.uniform(key, (), jnp.float32) < p
+
+
+def randomized(transform: optax.GradientTransformation,
+               probability: core.ScalarOrSchedule = 0.5, seed: int = 0, *,
+               axis_name: str | tuple[str, ...] | None = None
+               ) -> optax.GradientTransformationExtraArgs:
+  r"""RST: each step runs ``transform`` with probability p, else passes g through.
+
+  A Bernoulli(:math:`p_t`) draw per step (``probability`` a float or a
+  schedule of the step count) picks a sharpness-aware step (``transform``,
+  which calls ``grad_fn``) or a plain step (output ``g``, no call of
+  ``grad_fn``). Expected passes per step: :math:`1 + p`. The key is in the
+  state, so runs are reproducible and resume exactly.
+
+  Args:
+    transform: any sharpness-aware transformation (e.g. :func:`sharpness_aware`).
+    probability: :math:`p \in [0, 1]` or a schedule.
+    seed: PRNG seed of the draws.
+    axis_name: averages the pass-through g over this axis (give the wrapped
+      transform the same ``axis_name``).
+
+  References:
+    Zhao, Zhang, Hu, `Randomized Sharpness-Aware Training for Boosting
+    Computational Efficiency in Deep Learning <https://arxiv.org/abs/2203.09962>`_,
+    2022.
+  """
+  if not callable(probability):
+    p = float(probability)
+    if not 0.0 <= p <= 1.0:
+      raise ValueError(f"`randomized(probability=...)` must lie in [0, 1], got {probability!r}.")
+  inner_update = optax.with_extra_args_support(transform).update
+
+  def prob_at(count):
+    value = probability(count) if callable(probability) else probability
+    return jnp.asarray(value, jnp.float32)
+
+  def init(params):
+    return RandomizedState(jnp.zeros([], jnp.int32),
+                           jax.random.key_data(jax.random.key(seed)),
+                           prob_at(jnp.zeros([], jnp.int32)), transform.init(params))
+
+  def update(updates, state, params=None, **extra_args):
+    take = _bernoulli_at(state.key, state.count, state.probability)
+
+    def run(_):
+      return inner_update(updates, state.inner, params, **extra_args)
+
+    def skip(_):
+      return _pmean(updates, axis_name), state.inner
+
+    out, inner_state = gating.gate(take, run, skip, None)
+    count = optax.safe_increment(state.count)
+    return out, RandomizedState(count, state.key, prob_at(count), inner_state)
+
+  return optax.GradientTransformationExtraArgs(init, update)
+
+
+gating.register_gate(RandomizedState, jax.jit(
+    lambda s: _bernoulli_at(s.key, s.count, s.probability)))
+
+
+# ---------------------------------------------------------------------- AE-SAM
+
+
+class AdaptivePolicyState(NamedTuple):
+  """State of :func:`adaptive_policy`.
+
+  Attributes:
+    count: int32 steps taken.
+    mean: EMA of :math:`\\|g\\|^2` (float32).
+    var: EMA of its squared deviation (float32).
+    sharp_steps: int32 number of steps that ran ``transform``.
+    inner: the wrapped transform's state.
+  """
+  count: jax.Array
+  mean: jax.Array
+  var: jax.Array
+  sharp_steps: jax.Array
+  inner: optax.OptState
+
+
+def adaptive_policy(transform: optax.GradientTransformation, *, total_steps: int,
+                    decay: float = 0.9, lambda_start: float = -1.0, lambda_end: float = 1.0,
+                    axis_name: str | tuple[str, ...] | None = None
+                    ) -> optax.GradientTransformationExtraArgs:
+  r"""AE-SAM: run ``transform`` only where the loss looks sharp.
+
+  With :math:`s_t = \|g_t\|^2`,
+
+  .. math::
+     \mu_t = \delta \mu_{t-1} + (1-\delta) s_t,\quad
+     \sigma^2_t = \delta \sigma^2_{t-1} + (1-\delta)(s_t - \mu_t)^2,
+
+  the step runs ``transform`` iff :math:`s_t \ge \mu_t + c_t \sigma_t`, with
+  :math:`c_t` moving linearly from ``lambda_start`` to ``lambda_end`` over
+  ``total_steps`` (a rising threshold: more SAM steps early). At step 0 the
+  statistics start at :math:`\mu_0 = s_0, \sigma_0 = 0`, so step 0 is a SAM
+  step when ``lambda_start <= 0``. The decision needs the current gradient,
+  so it is taken with ``lax.cond`` inside the step.
+
+  Args:
+    transform: the sharpness-aware transformation to run on sharp steps.
+    total_steps: training length T over which :math:`c_t` moves.
+    decay: EMA decay :math:`\delta`.
+    lambda_start, lambda_end: :math:`\lambda_1, \lambda_2`, the ends of
+      :math:`c_t`.
+    axis_name: averages the pass-through g (and :math:`\|g\|^2`) over the axis.
+
+  References:
+    Jiang, Yang, Zhang, Kwok, `An Adaptive Policy to Employ Sharpness-Aware
+    Minimization <https://arxiv.org/abs/2304.14647>`_, ICLR 2023.
+  """
+  if not isinstance(total_steps, int) or total_steps < 1:
+    raise ValueError(f"`adaptive_policy(total_steps=...)` must be a positive int (the "
+                     f"training length), got {total_steps!r}.")
+  if not 0.0 <= float(decay) < 1.0:
+    raise ValueError(f"`adaptive_policy(decay=...)` must lie in [0, 1), got {decay!r}.")
+  inner_update = optax.with_extra_args_support(transform).update
+
+  def init(params):
+    z = jnp.zeros([], jnp.float32)
+    return AdaptivePolicyState(jnp.zeros([], jnp.int32), z, z, jnp.zeros([], jnp.int32),
+                               transform.init(params))
+
+  def update(updates, state, params=None, **extra_args):
+    s = tu.sq_norm(updates)
+    if axis_name is not None:
+      s = jax.lax.pmean(s, axis_name)
+    first = state.count == 0
+    mean = jnp.where(first, s, decay * state.mean + (1 - decay) * s)
+    var = jnp.where(first, 0.0, decay * state.var + (1 - decay) * jnp.square(s - mean))
+    frac = jnp.minimum(state.count.astype(jnp.float32) / total_steps, 1.0)
+    c = lambda_start + (lambda_end - lambda_start) * frac
+    sharp = s >= mean + c * jnp.sqrt(var)
+
+    def run(_):
+      return inner_update(updates, state.inner, params, **extra_args)
+
+    def skip(_):
+      return _pmean(updates, axis_name), state.inner
+
+    out, inner_state = gating.gate(sharp, run, skip, None, host_decidable=False)
+    return out, AdaptivePolicyState(optax.safe_increment(state.count), mean, var,
+                                    state.sharp_steps + sharp.astype(jnp.int32), inner_state)
+
+  return optax.GradientTransformationExtraArgs(init, update)
+
+
+# ------------------------------------------------------------------------ MSAM
+
+
+class MomentumSAMState(NamedTuple):
+  """State of :func:`msam`: step count and the base optimizer's state.
+
+  The parameters the caller holds are the perturbed ones, :math:`\\tilde w =
+  w - \\rho\\, v/\\|v\\|` with ``v`` the momentum found in ``base``; use
+  :func:`msam_clean_params` for the clean ones.
+  """
+  count: jax.Array
+  base: optax.OptState
+  rho: jax.Array
+
+
+def _momentum_path(state: Any, params: Any) -> tuple | None:
+  """Path to the first NamedTuple field named 'trace' or 'mu' shaped like params."""
+  target = jax.tree.structure(params)
+
+  def search(node, path):
+    if isinstance(node, tuple) and hasattr(node, "_fields"):
+      for name in ("trace", "mu"):
+        if name in node._fields:
+          value = getattr(node, name)
+          if jax.tree.structure(value) == target:
+            return path + (name,)
+      for name in node._fields:
+        hit = search(getattr(node, name), path + (name,))
+        if hit is not None:
+          return hit
+    elif isinstance(node, (tuple, list)):
+      for i, child in enumerate(node):
+        hit = search(child, path + (i,))
+        if hit is not None:
+          return hit
+    return None
+
+  return search(state, ())
+
+
+def _get_path(node, path):
+  for p in path:
+    node = node[p] if isinstance(p, int) else getattr(node, p)
+  return node
+
+
+def msam(base_optimizer: optax.GradientTransformation, rho: float = 0.3, *,
+         eps: float = 1e-12) -> optax.GradientTransformationExtraArgs:
+  r"""Momentum-SAM: perturb along the normalized momentum, one gradient per step.
+
+  The caller's parameters are kept at the perturbed point
+  :math:`\tilde w_t = w_t + \epsilon_t`, :math:`\epsilon_t = -\rho\,
+  v_t/\|v_t\|` with :math:`v_t` the base optimizer's momentum (``trace`` of
+  :func:`optax.sgd` with momentum, ``mu`` of the Adam family). The caller's
+  ordinary gradient :math:`g = \nabla L(\tilde w_t)` is the only gradient:
+
+  .. math:: w_{t+1} = w_t + u_t(g),\qquad \tilde w_{t+1} = w_{t+1} + \epsilon_{t+1}
+
+  where :math:`u_t` is the base update computed at the clean :math:`w_t` (so
+  decoupled weight decay acts on clean weights). ``grad_fn`` is accepted and
+  ignored, so one train step serves every variant. Evaluate and checkpoint
+  with :func:`msam_clean_params`. With :math:`v_0 = 0` the first step is
+  unperturbed.
+
+  Args:
+    base_optimizer: an optimizer with a momentum buffer (sgd with momentum,
+      adam, adamw, nadam, lion, ...).
+    rho: radius (the paper: about 0.3 with SGD, 1 with AdamW).
+
+  References:
+    Becker, Altrock, Risse, `Momentum-SAM: Sharpness Aware Minimization without
+    Computational Overhead <https://arxiv.org/abs/2401.12033>`_, 2024.
+  """
+  core.check_rho(rho, "msam")
+  base = optax.with_extra_args_support(base_optimizer)
+  path_cache: dict[str, tuple] = {}
+
+  def eps_of(base_state, params):
+    v = _get_path(base_state, path_cache["path"])
+    return tu.cast_like(tu.scale(tu.normalize(v, eps), -jnp.asarray(rho, jnp.float32)), params)
+
+  def init(params):
+    base_state = base_optimizer.init(params)
+    path = _momentum_path(base_state, params)
+    if path is None:
+      raise ValueError("`msam(base_optimizer=...)` needs an optimizer with a momentum buffer "
+                       "(a state field named `trace` or `mu` shaped like the params): use "
+                       "`optax.sgd(lr, momentum=0.9)` or an Adam-family optimizer.")
+    path_cache["path"] = path
+    return MomentumSAMState(jnp.zeros([], jnp.int32), base_state,
+                            jnp.asarray(rho, jnp.float32))
+
+  def update(updates, state, params=None, **extra_args):
+    extra_args.pop("grad_fn", None)
+    if params is None:
+      raise ValueError("`msam.update` needs the current (perturbed) parameters: call "
+                       "`update(grads, state, params)`.")
+    if "path" not in path_cache:
+      init(params)
+    eps_now = eps_of(state.base, params)
+    clean = jax.tree.map(lambda p, e: p - e, params, eps_now)
+    u, base_state = base.update(updates, state.base, clean, **extra_args)
+    eps_next = eps_of(base_state, params)
+    out = jax.tree.map(lambda a, e0, e1: (a - e0 + e1).astype(a.dtype), u, eps_now, eps_next)
+    return out, MomentumSAMState(optax.safe_increment(state.count), base_state, state.rho)
+
+  return optax.GradientTransformationExtraArgs(init, update)
+
+
+def msam_clean_params(params: PyTree, opt_state: optax.OptState) -> PyTree:
+  """The clean parameters :math:`w = \\tilde w - \\epsilon` of an :func:`msam` run.
+
+  Args:
+    params: the perturbed parameters the training loop holds.
+    opt_state: the optimizer state containing a :class:`MomentumSAMState`
+      (at any depth, e.g. inside ``inject_hyperparams`` or ``chain``).
+
+  Returns:
+    The parameters to evaluate and to export.
+  """
+  found = []
+  jax.tree_util.tree_leaves(
+      opt_state, is_leaf=lambda x: isinstance(x, MomentumSAMState) and not found.append(x))
+  if not found:
+    raise ValueError("`msam_clean_params`: no MomentumSAMState in `opt_state`; pass the "
+                     "state of an optimizer built with `sam_optax.msam`.")
+  state = found[0]
+  path = _momentum_path(state.base, params)
+  v = _get_path(state.base, path)
+  e = tu.scale(tu.normalize(v, 1e-12), -state.rho)
+  return jax.tree.map(lambda p, x: (p - x).astype(p.dtype), params, e)

@@ -1,0 +1,56 @@
+"""Small models and hand-written references shared by the tests."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+def random_tree(seed, dtype=jnp.float32, scale=1.0):
+  rng = np.random.default_rng(seed)
+  return {
+      "dense": {"kernel": jnp.asarray(rng.normal(size=(4, 3)) * scale, dtype),
+                "bias": jnp.asarray(rng.normal(size=(3,)) * scale, dtype)},
+      "out": [jnp.asarray(rng.normal(size=(3, 2)) * scale, dtype),
+              jnp.asarray(rng.normal(size=()) * scale, dtype)],
+  }
+
+
+def flat(tree):
+  return np.concatenate([np.asarray(x, np.float64).ravel() for x in jax.tree.leaves(tree)])
+
+
+def unflat(vec, like):
+  leaves, treedef = jax.tree.flatten(like)
+  out, i = [], 0
+  for x in leaves:
+    out.append(jnp.asarray(vec[i:i + x.size].reshape(x.shape), x.dtype))
+    i += x.size
+  return treedef.unflatten(out)
+
+
+def mlp_init(seed, sizes=(8, 16, 3)):
+  rng = np.random.default_rng(seed)
+  params = []
+  for a, b in zip(sizes[:-1], sizes[1:]):
+    params.append({"kernel": jnp.asarray(rng.normal(size=(a, b)) / np.sqrt(a), jnp.float32),
+                   "bias": jnp.zeros((b,), jnp.float32)})
+  return params
+
+
+def mlp_apply(params, x):
+  for layer in params[:-1]:
+    x = jnp.tanh(x @ layer["kernel"] + layer["bias"])
+  return x @ params[-1]["kernel"] + params[-1]["bias"]
+
+
+def mlp_loss(params, batch):
+  x, y = batch
+  logits = mlp_apply(params, x)
+  return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), y[:, None], axis=1))
+
+
+def make_data(seed, n=32, d=8, classes=3):
+  rng = np.random.default_rng(seed)
+  x = jnp.asarray(rng.normal(size=(n, d)), jnp.float32)
+  y = jnp.asarray(rng.integers(0, classes, size=n), jnp.int32)
+  return x, y
