@@ -11,6 +11,7 @@ one is projected onto the L2 ball.
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Callable
 from typing import Any, NamedTuple
@@ -61,7 +62,7 @@ def _check_nonneg(name: str, value: float, fn: str, hint: str) -> None:
     v = float(value)
   except (TypeError, ValueError):
     raise TypeError(f"`{fn}({name}=...)` must be a real number, got {value!r}.") from None
-  if not jnp.isfinite(v) or v < 0:
+  if not math.isfinite(v) or v < 0:
     raise ValueError(f"`{fn}({name}=...)` must be finite and >= 0, got {value!r}; {hint}")
 
 
