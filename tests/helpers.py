@@ -31,7 +31,7 @@ def unflat(vec, like):
 def mlp_init(seed, sizes=(8, 16, 3)):
   rng = np.random.default_rng(seed)
   params = []
-  for a, b in zip(sizes[:-1], sizes[1:]):
+  for a, b in zip(sizes[:-1], sizes[1:], strict=False):
     params.append({"kernel": jnp.asarray(rng.normal(size=(a, b)) / np.sqrt(a), jnp.float32),
                    "bias": jnp.zeros((b,), jnp.float32)})
   return params

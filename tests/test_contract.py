@@ -101,7 +101,7 @@ def test_contract(name):
 
   # unused extra keyword arguments are accepted and ignored
   p_extra, _, _, _ = run_steps(opt, params, n=4, extra={"value": jnp.ones(()), "foo": "bar"})
-  for a, b in zip(jax.tree.leaves(p_plain), jax.tree.leaves(p_extra)):
+  for a, b in zip(jax.tree.leaves(p_plain), jax.tree.leaves(p_extra), strict=False):
     np.testing.assert_array_equal(a, b)
 
   # zero gradient: finite, no NaN
@@ -130,7 +130,7 @@ def test_contract(name):
                                                   grad_fn=lambda q: nan_grads))(state)
   assert all(np.all(np.asarray(x) == 0) for x in jax.tree.leaves(u))
   assert int(new_state.notfinite_count) == 1
-  for a, b in zip(jax.tree.leaves(state.inner_state), jax.tree.leaves(new_state.inner_state)):
+  for a, b in zip(jax.tree.leaves(state.inner_state), jax.tree.leaves(new_state.inner_state), strict=False):
     np.testing.assert_array_equal(a, b)
 
 
@@ -155,12 +155,12 @@ def test_inject_hyperparams_rho(name):
   state = tx.init(params)
   out0, _ = update(state)
   clean = grad_fn(params)
-  for a, b in zip(jax.tree.leaves(out0), jax.tree.leaves(clean)):
+  for a, b in zip(jax.tree.leaves(out0), jax.tree.leaves(clean), strict=False):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
   state.hyperparams["rho"] = jnp.full_like(state.hyperparams["rho"], 0.5)
   out1, _ = update(state)
   assert len(traces) == 1
   diff = max(float(jnp.max(jnp.abs(a - b))) for a, b in zip(jax.tree.leaves(out1),
-                                                            jax.tree.leaves(clean)))
+                                                            jax.tree.leaves(clean), strict=False))
   # the MLP has no normalization layer, so SAM-ON's mask selects nothing there
   assert (diff > 1e-4) != (name == "masked_norm_layers")

@@ -83,12 +83,12 @@ def test_masked_accepts_callable_mask_and_asam_kernels_only():
   leaves_w = jax.tree.leaves(params)
   leaves_g = jax.tree.leaves(grads)
   names = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
-  is_kernel = ["kernel" in n or np.ndim(x) >= 2 for n, x in zip(names, leaves_w)]
+  is_kernel = ["kernel" in n or np.ndim(x) >= 2 for n, x in zip(names, leaves_w, strict=False)]
   t = [np.abs(np.asarray(w)) + eta if k else np.ones_like(np.asarray(w))
-       for w, k in zip(leaves_w, is_kernel)]
-  tg = np.concatenate([(ti * np.asarray(g)).ravel() for ti, g in zip(t, leaves_g)])
+       for w, k in zip(leaves_w, is_kernel, strict=False)]
+  tg = np.concatenate([(ti * np.asarray(g)).ravel() for ti, g in zip(t, leaves_g, strict=False)])
   expected = np.concatenate([(np.asarray(w) + rho * ti**2 * np.asarray(g) / np.linalg.norm(tg)).ravel()
-                             for w, ti, g in zip(leaves_w, t, leaves_g)])
+                             for w, ti, g in zip(leaves_w, t, leaves_g, strict=False)])
   np.testing.assert_allclose(flat(point), expected, rtol=1e-5)
 
 
@@ -101,7 +101,7 @@ def _hand_sam_grad(params, batch, rho):
 def _hand_asam_grad(params, batch, rho, eta):
   g = jax.grad(mlp_loss)(params, batch)
   t = jax.tree.map(lambda w: jnp.abs(w) + eta, params)
-  n = jnp.sqrt(sum(jnp.sum((ti * gi) ** 2) for ti, gi in zip(jax.tree.leaves(t), jax.tree.leaves(g))))
+  n = jnp.sqrt(sum(jnp.sum((ti * gi) ** 2) for ti, gi in zip(jax.tree.leaves(t), jax.tree.leaves(g), strict=False)))
   return jax.grad(mlp_loss)(jax.tree.map(lambda w, ti, gi: w + rho * ti * ti * gi / n, params, t, g),
                             batch)
 
@@ -151,7 +151,7 @@ def test_rho_zero_is_exactly_the_clean_gradient():
   grad_fn = lambda p: jax.grad(mlp_loss)(p, batch)
   out, _ = apply_once(sam_optax.sharpness_aware(0.0), grad_fn(params), params, grad_fn)
   ref = jax.jit(grad_fn)(params)
-  for a, b in zip(jax.tree.leaves(out), jax.tree.leaves(ref)):
+  for a, b in zip(jax.tree.leaves(out), jax.tree.leaves(ref), strict=False):
     np.testing.assert_array_equal(a, b)
 
 
@@ -203,7 +203,7 @@ def test_rho_schedule_is_evaluated_at_the_step_count():
 
   for _ in range(3):
     _, state = tx.update(grads, state, params, grad_fn=grad_fn)
-  g = flat(grads)
+  flat(grads)
   for i, p in enumerate(points):
     np.testing.assert_allclose(np.linalg.norm(flat(p) - flat(params)), 0.1 * (i + 1), rtol=1e-4)
 
@@ -234,7 +234,7 @@ def test_property_rho_zero_is_the_base_optimizer(shapes, seed, lr):
   opt = sam_optax.sam(base, 0.0)
   u1, _ = opt.update(grad_fn(params), opt.init(params), params, grad_fn=grad_fn)
   u2, _ = base.update(grad_fn(params), base.init(params), params)
-  for a, b in zip(jax.tree.leaves(u1), jax.tree.leaves(u2)):
+  for a, b in zip(jax.tree.leaves(u1), jax.tree.leaves(u2), strict=False):
     np.testing.assert_array_equal(a, b)
 
 
@@ -283,7 +283,7 @@ def test_missing_or_bad_grad_fn_and_params():
   with pytest.raises(ValueError, match="needs the current parameters"):
     tx.update(grads, state, None, grad_fn=lambda p: p)
   after = jax.tree.map(np.asarray, (params, state))
-  for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(after)):
+  for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(after), strict=False):
     np.testing.assert_array_equal(a, b)
 
 

@@ -44,7 +44,7 @@ def test_friendly_over_several_steps():
   sigma, lam = 0.8, 0.6
   out, state = direction(so.friendly(sigma, lam), gs, params)
   m = None
-  for g, d in zip(gs, out):
+  for g, d in zip(gs, out, strict=False):
     gv = flat(g)
     raw = gv if m is None else gv - sigma * m
     np.testing.assert_allclose(d, raw / np.linalg.norm(raw), rtol=1e-4, atol=1e-6)
@@ -65,7 +65,7 @@ def test_variance_suppressed_over_several_steps():
   theta = 0.4
   out, _ = direction(so.variance_suppressed(theta), gs, params)
   d = None
-  for g, got in zip(gs, out):
+  for g, got in zip(gs, out, strict=False):
     gv = flat(g)
     d = gv if d is None else (1 - theta) * d + theta * gv
     np.testing.assert_allclose(got, d / np.linalg.norm(d), rtol=1e-5, atol=1e-7)
@@ -80,13 +80,13 @@ def test_stochastic_masks_whole_tensors_and_is_reproducible():
   np.testing.assert_array_equal(np.stack(out), np.stack(out2))
   sizes = [x.size for x in jax.tree.leaves(params)]
   kept_counts = []
-  for g, d in zip(gs, out):
+  for g, d in zip(gs, out, strict=False):
     gv = flat(g)
     pieces = np.split(d, np.cumsum(sizes)[:-1])
     gpieces = np.split(gv, np.cumsum(sizes)[:-1])
     kept = [bool(np.any(p != 0)) for p in pieces]
     kept_counts.append(sum(kept))
-    masked_g = np.concatenate([gp if k else 0 * gp for gp, k in zip(gpieces, kept)])
+    masked_g = np.concatenate([gp if k else 0 * gp for gp, k in zip(gpieces, kept, strict=False)])
     if any(kept):
       np.testing.assert_allclose(d, masked_g / (beta * np.linalg.norm(masked_g)), rtol=1e-5)
   assert 0 < np.mean(kept_counts) < len(sizes)  # some tensors kept, some dropped
@@ -106,7 +106,7 @@ def test_sparse_keeps_top_fisher_entries_and_refreshes():
   n = flat(params).size
   k = int(np.ceil((1 - s) * n))
   fisher, mask = None, None
-  for t, (g, d) in enumerate(zip(gs, out)):
+  for t, (g, d) in enumerate(zip(gs, out, strict=False)):
     gv = flat(g)
     fisher = gv**2 if fisher is None else decay * fisher + (1 - decay) * gv**2
     if t % every == 0:
@@ -134,8 +134,8 @@ def test_random_weight_is_filterwise_gaussian():
 
 
 def test_normalization_mask_linen_and_nnx_names():
-  from flax import nnx
   import flax.linen as nn
+  from flax import nnx
 
   class LinenNet(nn.Module):
     @nn.compact

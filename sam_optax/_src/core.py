@@ -83,7 +83,7 @@ def _describe_mismatch(got: PyTree, like: PyTree, what: str, fn: str) -> None:
         f"{missing}; unexpected leaves: {extra}. Make `grad_fn(p)` return "
         "`jax.grad(loss)(p, ...)` for the same `p` (use `has_aux` and drop the aux part).")
   bad = []
-  for (path, g), w in zip(jax.tree_util.tree_flatten_with_path(got)[0], jax.tree.leaves(like)):
+  for (path, g), w in zip(jax.tree_util.tree_flatten_with_path(got)[0], jax.tree.leaves(like), strict=False):
     if jnp.shape(g) != jnp.shape(w):
       bad.append(f"{jax.tree_util.keystr(path)}: {jnp.shape(g)} vs {jnp.shape(w)}")
   if bad:

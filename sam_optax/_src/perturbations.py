@@ -202,7 +202,7 @@ def adaptive(eta: float = 0.01, *, base: optax.GradientTransformation | None = N
         where, params)
     leaves, treedef = jax.tree.flatten(params)
     return treedef.unflatten([jnp.abs(w) + jnp.asarray(eta, w.dtype) if f else jnp.ones_like(w)
-                              for w, f in zip(leaves, flags)])
+                              for w, f in zip(leaves, flags, strict=False)])
 
   def init(params):
     return AdaptiveState(inner.init(params))
@@ -272,13 +272,13 @@ def masked(perturbation: optax.GradientTransformation,
 
   def split(tree, flags):
     leaves = jax.tree.leaves(tree)
-    return [x for x, f in zip(leaves, flags) if f]
+    return [x for x, f in zip(leaves, flags, strict=False) if f]
 
   def merge(selected, like, flags):
     leaves, treedef = jax.tree.flatten(like)
     it = iter(selected)
     return treedef.unflatten([next(it) if f else jnp.zeros_like(x)
-                              for x, f in zip(leaves, flags)])
+                              for x, f in zip(leaves, flags, strict=False)])
 
   def init(params):
     flags = _select_leaves(mask, params)
@@ -353,7 +353,7 @@ def kernel_mask(params: PyTree) -> PyTree:
   paths, treedef = _leaf_paths(params)
   leaves = jax.tree.leaves(params)
   flags = []
-  for p, x in zip(paths, leaves):
+  for p, x in zip(paths, leaves, strict=False):
     names = [n for n in p if n not in ("value", "raw_value")]
     if names and names[-1] in ("kernel", "embedding", "weight", "w"):
       flags.append(True)

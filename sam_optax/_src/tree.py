@@ -22,7 +22,7 @@ def _f32(x: jax.Array) -> jax.Array:
 def vdot(a: PyTree, b: PyTree) -> jax.Array:
   """Sum over all leaves of <a_i, b_i>, accumulated in (at least) float32."""
   parts = [jnp.vdot(_f32(x).ravel(), _f32(y).ravel()) for x, y in
-           zip(jax.tree.leaves(a), jax.tree.leaves(b))]
+           zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=False)]
   return sum(parts, jnp.zeros((), jnp.float32)).real
 
 

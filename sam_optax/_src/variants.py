@@ -9,8 +9,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from sam_optax._src import core
-from sam_optax._src import gating
+from sam_optax._src import core, gating
 from sam_optax._src import tree as tu
 
 PyTree = Any
