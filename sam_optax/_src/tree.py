@@ -32,19 +32,27 @@ def sq_norm(tree: PyTree) -> jax.Array:
   return sum(parts, jnp.zeros((), jnp.float32))
 
 
+def _scaled_norm(leaves: list) -> jax.Array:
+  big = jnp.max(jnp.stack([jnp.max(jnp.abs(_f32(x)), initial=0.0) for x in leaves]))
+  unit = jnp.where(big > 0, big, 1.0)
+  return unit * jnp.sqrt(sq_norm([_f32(x) / unit for x in leaves]))
+
+
 def norm(tree: PyTree) -> jax.Array:
   """Global L2 norm over every leaf of the pytree, in float32.
 
-  The leaves are divided by their largest magnitude before squaring (as BLAS
-  nrm2 does), so neither tiny gradients (whose squares underflow even float32)
-  nor large fp16 ones (whose squares overflow) lose the norm.
+  One pass of float32 sum of squares; only when that underflows to zero with a
+  nonzero tree, or overflows, the leaves are divided by their largest magnitude
+  first (as BLAS nrm2 does) in a rarely taken branch, so tiny gradients and
+  large fp16 ones keep their norm without a second pass on every step.
   """
   leaves = jax.tree.leaves(tree)
   if not leaves:
     return jnp.zeros((), jnp.float32)
-  big = jnp.max(jnp.stack([jnp.max(jnp.abs(_f32(x)), initial=0.0) for x in leaves]))
-  unit = jnp.where(big > 0, big, 1.0)
-  return unit * jnp.sqrt(sq_norm(jax.tree.map(lambda x: _f32(x) / unit, tree)))
+  sq = sq_norm(leaves)
+  plain = jnp.sqrt(sq)
+  suspicious = (sq < jnp.finfo(jnp.float32).tiny * 1e6) | ~jnp.isfinite(sq)
+  return jax.lax.cond(suspicious, lambda ls: _scaled_norm(ls), lambda ls: plain, leaves)
 
 
 def safe_inverse(x: jax.Array, eps: float) -> jax.Array:

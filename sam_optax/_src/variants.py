@@ -63,9 +63,12 @@ def gsam(rho: core.ScalarOrSchedule = 0.05, alpha: float = 0.6, *,
   def update(updates, state, params=None, **extra_args):
     g_p, inner_state = inner.update(updates, state.inner, params, **extra_args)
     g = _pmean(updates, axis_name)
-    unit_p = tu.normalize(g_p, eps)
-    g_perp = tu.add_scaled(g, -tu.vdot(g, unit_p), unit_p)
-    return tu.add_scaled(g_p, -alpha, g_perp), GSAMState(inner_state)
+    # g_p - alpha * (g - (g.u) u), u = g_p/|g_p|, as one combination of g_p and g:
+    # two reductions over g_p and one elementwise pass.
+    coef = 1.0 + alpha * tu.vdot(g, g_p) * tu.safe_inverse(tu.sq_norm(g_p), eps * eps)
+    out = jax.tree.map(lambda a, b: (coef * a.astype(jnp.float32) - alpha * b.astype(jnp.float32)
+                                     ).astype(a.dtype), g_p, g)
+    return out, GSAMState(inner_state)
 
   return optax.GradientTransformationExtraArgs(init, update)
 
@@ -363,6 +366,7 @@ class MomentumSAMState(NamedTuple):
   count: jax.Array
   base: optax.OptState
   rho: jax.Array
+  momentum_norm: jax.Array
 
 
 def _momentum_path(state: Any, params: Any) -> tuple | None:
@@ -427,9 +431,10 @@ def msam(base_optimizer: optax.GradientTransformation, rho: float = 0.3, *,
   base = optax.with_extra_args_support(base_optimizer)
   path_cache: dict[str, tuple] = {}
 
-  def eps_of(base_state, params):
+  def eps_of(base_state, params, v_norm):
     v = _get_path(base_state, path_cache["path"])
-    return tu.cast_like(tu.scale(tu.normalize(v, eps), -jnp.asarray(rho, jnp.float32)), params)
+    coef = -jnp.asarray(rho, jnp.float32) * tu.safe_inverse(v_norm, eps)
+    return tu.cast_like(tu.scale(v, coef), params)
 
   def init(params):
     base_state = base_optimizer.init(params)
@@ -439,8 +444,9 @@ def msam(base_optimizer: optax.GradientTransformation, rho: float = 0.3, *,
                        "(a state field named `trace` or `mu` shaped like the params): use "
                        "`optax.sgd(lr, momentum=0.9)` or an Adam-family optimizer.")
     path_cache["path"] = path
+    v_norm = tu.norm(_get_path(base_state, path))
     return MomentumSAMState(jnp.zeros([], jnp.int32), base_state,
-                            jnp.asarray(rho, jnp.float32))
+                            jnp.asarray(rho, jnp.float32), v_norm)
 
   def update(updates, state, params=None, **extra_args):
     extra_args.pop("grad_fn", None)
@@ -449,12 +455,14 @@ def msam(base_optimizer: optax.GradientTransformation, rho: float = 0.3, *,
                        "`update(grads, state, params)`.")
     if "path" not in path_cache:
       init(params)
-    eps_now = eps_of(state.base, params)
+    # the norm of v_t was stored last step: one reduction per step, not two
+    eps_now = eps_of(state.base, params, state.momentum_norm)
     clean = jax.tree.map(lambda p, e: p - e, params, eps_now)
     u, base_state = base.update(updates, state.base, clean, **extra_args)
-    eps_next = eps_of(base_state, params)
+    v_norm = tu.norm(_get_path(base_state, path_cache["path"]))
+    eps_next = eps_of(base_state, params, v_norm)
     out = jax.tree.map(lambda a, e0, e1: (a - e0 + e1).astype(a.dtype), u, eps_now, eps_next)
-    return out, MomentumSAMState(optax.safe_increment(state.count), base_state, state.rho)
+    return out, MomentumSAMState(optax.safe_increment(state.count), base_state, state.rho, v_norm)
 
   return optax.GradientTransformationExtraArgs(init, update)
 
@@ -477,7 +485,6 @@ def msam_clean_params(params: PyTree, opt_state: optax.OptState) -> PyTree:
     raise ValueError("`msam_clean_params`: no MomentumSAMState in `opt_state`; pass the "
                      "state of an optimizer built with `sam_optax.msam`.")
   state = found[0]
-  path = _momentum_path(state.base, params)
-  v = _get_path(state.base, path)
-  e = tu.scale(tu.normalize(v, 1e-12), -state.rho)
+  v = _get_path(state.base, _momentum_path(state.base, params))
+  e = tu.scale(v, -state.rho * tu.safe_inverse(state.momentum_norm, 1e-12))
   return jax.tree.map(lambda p, x: (p - x).astype(p.dtype), params, e)

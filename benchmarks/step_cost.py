@@ -1,0 +1,185 @@
+"""Per-step cost of sam_optax variants versus the base optimizer and optax.contrib.sam.
+
+Interleaved A/B: every repetition runs each optimizer's jitted, warm step once in
+turn, so machine noise hits all of them alike; the figure is the median over
+repetitions, reported as a ratio to the base optimizer's step and to
+optax.contrib.sam (opaque mode, the peer). Steps that skip the second pass use
+``sam_optax.gated_jit`` (on CPU it picks a compiled program per branch).
+
+  python benchmarks/step_cost.py [--reps 30] [--models mlp,cnn] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import optax.contrib
+
+import sam_optax as so
+
+
+class MLP(nn.Module):
+  width: int = 512
+
+  @nn.compact
+  def __call__(self, x):
+    x = x.reshape(x.shape[0], -1)
+    for _ in range(3):
+      x = nn.relu(nn.Dense(self.width)(x))
+    return nn.Dense(10)(x)
+
+
+class CNN(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    x = nn.relu(nn.Conv(32, (3, 3))(x))
+    x = nn.avg_pool(x, (2, 2), (2, 2))
+    x = nn.relu(nn.Conv(64, (3, 3))(x))
+    x = nn.avg_pool(x, (2, 2), (2, 2))
+    return nn.Dense(10)(x.reshape(x.shape[0], -1))
+
+
+class Block(nn.Module):
+  """A small pre-norm transformer block and a classifier head."""
+  dim: int = 128
+
+  @nn.compact
+  def __call__(self, x):
+    x = nn.Dense(self.dim)(x.reshape(x.shape[0], 16, -1))
+    h = nn.LayerNorm()(x)
+    x = x + nn.MultiHeadDotProductAttention(num_heads=4)(h, h)
+    h = nn.LayerNorm()(x)
+    x = x + nn.Dense(self.dim)(nn.gelu(nn.Dense(4 * self.dim)(h)))
+    return nn.Dense(10)(x.mean(1))
+
+
+def model_and_data(name, batch, width=512):
+  rng = np.random.default_rng(0)
+  if name == "cnn":
+    model, x = CNN(), rng.normal(size=(batch, 28, 28, 1))
+  elif name == "transformer":
+    model, x = Block(), rng.normal(size=(batch, 16, 16))
+  else:
+    model, x = MLP(width), rng.normal(size=(batch, 784))
+  x = jnp.asarray(x, jnp.float32)
+  y = jnp.asarray(rng.integers(0, 10, batch), jnp.int32)
+  params = model.init(jax.random.key(0), x[:2])["params"]
+  loss = lambda p, b: optax.softmax_cross_entropy_with_integer_labels(model.apply({"params": p}, b[0]),
+                                                                      b[1]).mean()
+  return params, (x, y), loss
+
+
+def make_optimizers(lr=0.05, rho=0.05):
+  base = lambda: optax.sgd(lr, momentum=0.9)
+  return {
+      "base": base(),
+      "sam": so.sam(base(), rho),
+      "asam": so.asam(base(), 10 * rho),
+      "gsam": optax.chain(so.gsam(rho, 0.3), base()),
+      "looksam_k5": optax.chain(so.looksam(rho, k=5), base()),
+      "randomized_p0.5": optax.chain(so.randomized(so.sharpness_aware(rho), 0.5), base()),
+      "msam": so.msam(base(), rho=0.3),
+      "optax_contrib_sam": optax.contrib.sam(base(), optax.chain(optax.contrib.normalize(),
+                                                                 optax.sgd(rho)),
+                                             sync_period=2, opaque_mode=True),
+  }
+
+
+def build_step(name, opt, loss):
+  if name == "base":
+    def step(p, s, b):
+      g = jax.grad(loss)(p, b)
+      u, s = opt.update(g, s, p)
+      return optax.apply_updates(p, u), s
+    return jax.jit(step, donate_argnums=(0, 1))
+  if name == "optax_contrib_sam":
+    def step(p, s, b):
+      g = jax.grad(loss)(p, b)
+      u, s = opt.update(g, s, p, grad_fn=lambda q, _: jax.grad(loss)(q, b))
+      return optax.apply_updates(p, u), s
+    return jax.jit(step, donate_argnums=(0, 1))
+
+  def step(p, s, b):
+    grad_fn = lambda q: jax.grad(loss)(q, b)
+    u, s = opt.update(grad_fn(p), s, p, grad_fn=grad_fn)
+    return optax.apply_updates(p, u), s
+  return so.gated_jit(step, donate_argnums=(0, 1))
+
+
+def measure(model_name, reps, batch, width=512):
+  params, data, loss = model_and_data(model_name, batch, width)
+  opts = make_optimizers()
+  steps, states = {}, {}
+  compile_s, memory = {}, {}
+  for name, opt in opts.items():
+    steps[name] = build_step(name, opt, loss)
+    p = jax.tree.map(jnp.copy, params)
+    s = opt.init(p)
+    # compile time and compiled memory of the (SAM-branch) program
+    t0 = time.perf_counter()
+    lowered_fn = steps[name].programs[True] if hasattr(steps[name], "programs") else steps[name]
+    compiled = lowered_fn.lower(p, s, data).compile()
+    compile_s[name] = time.perf_counter() - t0
+    mem = compiled.memory_analysis()
+    memory[name] = (getattr(mem, "temp_size_in_bytes", 0), getattr(mem, "argument_size_in_bytes", 0))
+    for _ in range(3):  # warm every program (gated ones have two)
+      p, s = steps[name](p, s, data)
+    jax.block_until_ready(p)
+    states[name] = (p, s)
+  times = {name: [] for name in opts}
+  for _ in range(reps):
+    for name in opts:
+      p, s = states[name]
+      t0 = time.perf_counter()
+      p, s = steps[name](p, s, data)
+      jax.block_until_ready(p)
+      times[name].append(time.perf_counter() - t0)
+      states[name] = (p, s)
+  med = {n: float(np.median(t)) for n, t in times.items()}
+  return {n: {"median_ms": 1e3 * med[n], "vs_base": med[n] / med["base"],
+              "vs_optax_contrib_sam": med[n] / med["optax_contrib_sam"],
+              "compile_s": compile_s[n], "temp_bytes": memory[n][0], "arg_bytes": memory[n][1]}
+          for n in opts}
+
+
+def main():
+  ap = argparse.ArgumentParser()
+  ap.add_argument("--reps", type=int, default=30)
+  ap.add_argument("--models", default="mlp,cnn,transformer")
+  ap.add_argument("--batch", type=int, default=128)
+  ap.add_argument("--widths", default="", help="MLP width sweep, e.g. 128,512,2048")
+  ap.add_argument("--json", default="")
+  args = ap.parse_args()
+  print(f"# {platform.node()} {platform.processor() or platform.machine()}, "
+        f"{jax.device_count()} x {jax.devices()[0].device_kind}, jax {jax.__version__}, "
+        f"optax {optax.__version__}, {time.strftime('%Y-%m-%d')}")
+  print(f"# reps={args.reps} batch={args.batch} (LookSAM/randomized via gated_jit, "
+        f"host gating={jax.default_backend() == 'cpu'})")
+  out = {}
+  runs = [(m, 512) for m in args.models.split(",") if m]
+  runs += [("mlp", int(w)) for w in args.widths.split(",") if w]
+  for model_name, width in runs:
+    key = model_name if model_name != "mlp" or not args.widths else f"mlp_w{width}"
+    res = measure(model_name, args.reps, args.batch, width)
+    out[key] = res
+    print(f"\n## {key}")
+    print(f"| optimizer | median ms | × base | × optax.contrib.sam | compile s | temp MiB | arg MiB |")
+    print("|---|---|---|---|---|---|---|")
+    for n, r in res.items():
+      print(f"| {n} | {r['median_ms']:.2f} | {r['vs_base']:.2f} | {r['vs_optax_contrib_sam']:.2f} | "
+            f"{r['compile_s']:.2f} | {r['temp_bytes'] / 2**20:.2f} | {r['arg_bytes'] / 2**20:.2f} |")
+  if args.json:
+    with open(args.json, "w") as f:
+      json.dump(out, f, indent=1)
+
+
+if __name__ == "__main__":
+  main()
