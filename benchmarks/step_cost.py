@@ -171,7 +171,7 @@ def main():
     res = measure(model_name, args.reps, args.batch, width)
     out[key] = res
     print(f"\n## {key}")
-    print(f"| optimizer | median ms | × base | × optax.contrib.sam | compile s | temp MiB | arg MiB |")
+    print("| optimizer | median ms | × base | × optax.contrib.sam | compile s | temp MiB | arg MiB |")
     print("|---|---|---|---|---|---|---|")
     for n, r in res.items():
       print(f"| {n} | {r['median_ms']:.2f} | {r['vs_base']:.2f} | {r['vs_optax_contrib_sam']:.2f} | "

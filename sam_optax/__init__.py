@@ -9,6 +9,7 @@ Perturbation geometries are small transformations (:func:`l2`,
 
 from sam_optax._src.aliases import asam, sam
 from sam_optax._src.core import SharpnessAwareState, sharpness_aware
+from sam_optax._src.distributed import local_params
 from sam_optax._src.gating import gated_jit
 from sam_optax._src.perturbations import (
     AdaptiveState,
@@ -76,6 +77,7 @@ __all__ = (
     "kernel_mask",
     "l2",
     "linf",
+    "local_params",
     "looksam",
     "make_perturbation",
     "masked",

@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from sam_optax._src import distributed
 from sam_optax._src import perturbations as pert
 from sam_optax._src import tree as tu
 
@@ -205,6 +206,8 @@ def sharpness_aware(
   def update_fn(updates, state, params=None, *, grad_fn=None, **extra_args):
     check_update_call("sharpness_aware.update", params, grad_fn)
     _describe_mismatch(updates, params, "`updates`", "sharpness_aware.update")
+    if axis_name is not None:
+      distributed.check_local_gradient(updates, axis_name, "sharpness_aware")
     radius = rho_at(rho, state.count)
     direction, p_state = p_update(updates, state.perturbation_state, params, **extra_args)
     g_adv = perturbed_gradient(grad_fn, params, direction, radius, ascent_steps=ascent_steps,

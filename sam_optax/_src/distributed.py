@@ -1,0 +1,58 @@
+"""Helpers for per-device (m-sharpness) SAM under shard_map, pmap and vmap."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+
+PyTree = Any
+
+
+def local_params(params: PyTree, axis_name: str | tuple[str, ...]) -> PyTree:
+  """Marks replicated params as device-varying inside ``jax.shard_map``.
+
+  With ``shard_map``'s default ``check_vma=True``, the gradient with respect to
+  replicated (invariant) params is summed over the axis automatically, so each
+  device would see the *global* gradient and per-device perturbation
+  (m-sharpness) would silently become global SAM. Differentiating with respect
+  to ``local_params(params, axis)`` keeps each device's gradient local. A no-op
+  under ``check_vma=False`` and ``pmap``, where gradients are local already.
+  """
+  def cast(x):
+    try:
+      varying = jax.typeof(x).mat.varying
+    except AttributeError:
+      return x
+    names = axis_name if isinstance(axis_name, tuple) else (axis_name,)
+    missing = tuple(n for n in names if n not in varying)
+    if not missing or not _vma_checked(names[0]):
+      return x
+    return jax.lax.pcast(x, missing, to="varying")
+  return jax.tree.map(cast, params)
+
+
+def _vma_checked(axis_name: str) -> bool:
+  """True inside shard_map with check_vma=True (axis_index is then device-varying)."""
+  try:
+    return axis_name in jax.typeof(jax.lax.axis_index(axis_name)).mat.varying
+  except (AttributeError, NameError, ValueError, TypeError):
+    return False
+
+
+def check_local_gradient(updates: PyTree, axis_name: Any, fn: str) -> None:
+  """Raises when, under check_vma=True, the gradient is already reduced over the axis."""
+  names = axis_name if isinstance(axis_name, tuple) else (axis_name,)
+  try:
+    if not _vma_checked(names[0]):
+      return
+    leaves = jax.tree.leaves(updates)
+    if leaves and all(names[0] not in jax.typeof(x).mat.varying for x in leaves):
+      raise ValueError(
+          f"`{fn}(axis_name={axis_name!r})`: the gradient passed as `updates` is the same on "
+          "every device (shard_map with check_vma=True sums the gradient of replicated params "
+          "across the axis), so each device would perturb with the global gradient and "
+          "m-sharpness would silently disappear. Differentiate with respect to "
+          "`sam_optax.local_params(params, axis_name)`, or use shard_map(..., check_vma=False).")
+  except AttributeError:
+    return
