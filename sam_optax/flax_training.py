@@ -128,7 +128,9 @@ def nnx_sam_update(model: Any, optimizer: Any, loss_fn: Callable[..., jax.Array]
   from flax import nnx
 
   # Snapshot before the clean pass: same RNG counters, hence the same dropout masks.
-  graphdef, _, rest_before = nnx.split(model, nnx.Param, ...)
+  graphdef, _, rest = nnx.split(model, nnx.Param, ...)
+  # nnx.split may hand out the live Variables: copy so the clean pass can't advance them.
+  rest_before = jax.tree.map(lambda a: a, rest)
   loss, grads = nnx.value_and_grad(loss_fn)(model, *args, **kwargs)
   grad_fn = nnx_grad_fn(graphdef, rest_before, loss_fn, *args, **kwargs)
   optimizer.update(model, grads, grad_fn=grad_fn)
