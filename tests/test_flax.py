@@ -110,3 +110,14 @@ def test_nnx_sam_update_clean_statistics_and_same_dropout_mask():
   np.testing.assert_allclose(flat(nnx.state(model, nnx.Param)), flat(expected), rtol=1e-5, atol=1e-6)
   np.testing.assert_allclose(flat(nnx.state(model, nnx.BatchStat)), flat(clean_stats), rtol=1e-6)
   assert not np.allclose(flat(clean_stats), flat(nnx.state(reference, nnx.BatchStat)))
+
+
+def test_equinox_example_trains():
+  import importlib.util
+  from pathlib import Path
+  path = Path(__file__).resolve().parents[1] / "examples" / "equinox_sam.py"
+  spec = importlib.util.spec_from_file_location("equinox_sam", path)
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  initial, final = mod.main(steps=150)
+  assert final < 0.3 * initial
