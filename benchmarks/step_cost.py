@@ -168,7 +168,8 @@ def main():
   print(f"# {platform.node()} {platform.processor() or platform.machine()}, "
         f"{jax.device_count()} x {jax.devices()[0].device_kind}, jax {jax.__version__}, "
         f"optax {optax.__version__}, {time.strftime('%Y-%m-%d')}")
-  print(f"# reps={args.reps} blocks of {BLOCK} steps, median block; batch={args.batch} (LookSAM/randomized via gated_jit, "
+  print(f"# reps={args.reps} blocks of {BLOCK} steps, median block; batch={args.batch} "
+        "(LookSAM/randomized via gated_jit, "
         f"host gating={jax.default_backend() == 'cpu'})")
   out = {}
   runs = [(m, 512) for m in args.models.split(",") if m]
