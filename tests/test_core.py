@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import sam_optax
-from helpers import flat, make_data, mlp_init, mlp_loss, random_tree
+from helpers import flat, make_data, mlp_init, mlp_loss, random_tree, unflat
 
 
 def apply_once(tx, grads, params, grad_fn, **kw):
@@ -176,19 +176,9 @@ def test_low_precision_leaves_keep_dtype_and_norm_is_reduced_in_f32(dtype, scale
   assert all(x.dtype == dtype for x in jax.tree.leaves(point))
   assert state.count.dtype == jnp.int32
   g = flat(grads)
-  expected = flat(jax.tree.map(lambda w: w, unflat_like(
-      flat(params) + rho * g / np.linalg.norm(g), params)))
+  expected = flat(unflat(flat(params) + rho * g / np.linalg.norm(g), params))
   np.testing.assert_allclose(flat(point), expected, atol=2e-2)
   assert np.linalg.norm(flat(point) - flat(params)) > 0.4
-
-
-def unflat_like(vec, like):
-  leaves, treedef = jax.tree.flatten(like)
-  out, i = [], 0
-  for x in leaves:
-    out.append(jnp.asarray(vec[i:i + x.size].reshape(x.shape), x.dtype))
-    i += x.size
-  return treedef.unflatten(out)
 
 
 def test_rho_schedule_is_evaluated_at_the_step_count():
