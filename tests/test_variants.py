@@ -82,18 +82,21 @@ def test_looksam_over_two_periods_matches_reference_and_counts_passes():
   assert len(counter) == 2
 
 
+def counted_step(opt, counter, host_gating):
+  """A gated train step whose grad_fn records each time it really executes."""
+  def train_step(p, s, batch):
+    grad_fn = counted_grad_fn(batch, counter)
+    u, s = opt.update(jax.grad(mlp_loss)(p, batch), s, p, grad_fn=grad_fn)
+    return optax.apply_updates(p, u), s
+  return so.gated_jit(train_step, host_gating=host_gating)
+
+
 @pytest.mark.parametrize("host_gating", [False, True])
 def test_pass_counts_in_a_jitted_loop(host_gating):
   params = mlp_init(2)
   opt = optax.chain(so.looksam(0.05, k=5), optax.sgd(0.1))
   counter = []
-
-  def train_step(p, s, batch):
-    grad_fn = counted_grad_fn(batch, counter)
-    u, s = opt.update(jax.grad(mlp_loss)(p, batch), s, p, grad_fn=grad_fn)
-    return optax.apply_updates(p, u), s
-
-  step = so.gated_jit(train_step, host_gating=host_gating)
+  step = counted_step(opt, counter, host_gating)
   p, s = params, opt.init(params)
   for t in range(20):
     p, s = step(p, s, make_data(t))
@@ -103,13 +106,7 @@ def test_pass_counts_in_a_jitted_loop(host_gating):
   # randomized p = 0.5 over 200 steps: the count is Binomial(200, 0.5)
   opt2 = optax.chain(so.randomized(so.sharpness_aware(0.05), 0.5, seed=1), optax.sgd(0.1))
   counter.clear()
-
-  def train_step2(p, s, batch):
-    grad_fn = counted_grad_fn(batch, counter)
-    u, s = opt2.update(jax.grad(mlp_loss)(p, batch), s, p, grad_fn=grad_fn)
-    return optax.apply_updates(p, u), s
-
-  step2 = so.gated_jit(train_step2, host_gating=host_gating)
+  step2 = counted_step(opt2, counter, host_gating)
   p, s = params, opt2.init(params)
   batch = make_data(0)
   for _ in range(200):

@@ -55,7 +55,6 @@ def gsam(rho: core.ScalarOrSchedule = 0.05, alpha: float = 0.6, *,
     <https://arxiv.org/abs/2203.08065>`_, ICLR 2022.
   """
   inner = core.sharpness_aware(rho, perturbation=perturbation, eps=eps, axis_name=axis_name)
-  float(alpha)  # a clear TypeError for non-numbers
 
   def init(params):
     return GSAMState(inner.init(params))
@@ -117,11 +116,13 @@ class LookSAMState(NamedTuple):
     count: int32 steps taken; the SAM pass runs when ``count % k == 0``.
     inner: the core's state.
     g_v: the stored component of the SAM gradient orthogonal to g.
+    g_v_norm: float32 norm of ``g_v`` (kept so the reuse steps skip a reduction).
     period: int32 k (constant; lets :func:`gated_jit` decide on the host).
   """
   count: jax.Array
   inner: core.SharpnessAwareState
   g_v: PyTree
+  g_v_norm: jax.Array
   period: jax.Array
 
 
@@ -157,7 +158,7 @@ def looksam(rho: core.ScalarOrSchedule = 0.05, k: int = 5, alpha: float = 0.7, *
 
   def init(params):
     return LookSAMState(jnp.zeros([], jnp.int32), inner.init(params), tu.zeros_like(params),
-                        jnp.asarray(k, jnp.int32))
+                        jnp.zeros([], jnp.float32), jnp.asarray(k, jnp.int32))
 
   def update(updates, state, params=None, *, grad_fn=None, **extra_args):
     core.check_update_call("looksam.update", params, grad_fn)
@@ -167,16 +168,16 @@ def looksam(rho: core.ScalarOrSchedule = 0.05, k: int = 5, alpha: float = 0.7, *
                                       **extra_args)
       coef = tu.vdot(g_s, updates) * tu.safe_inverse(tu.sq_norm(updates), eps * eps)
       g_v = tu.cast_like(tu.add_scaled(g_s, -coef, updates), state.g_v)
-      return g_s, inner_state, g_v
+      return g_s, inner_state, g_v, tu.norm(g_v)
 
     def reuse_step(_):
-      ratio = tu.norm(updates) * tu.safe_inverse(tu.norm(state.g_v), eps)
+      ratio = tu.norm(updates) * tu.safe_inverse(state.g_v_norm, eps)
       out = tu.add_scaled(updates, alpha * ratio, state.g_v)
-      return out, state.inner, state.g_v
+      return out, state.inner, state.g_v, state.g_v_norm
 
-    out, inner_state, g_v = gating.gate(state.count % k == 0, sam_step, reuse_step, None)
+    out, inner_state, g_v, g_v_norm = gating.gate(state.count % k == 0, sam_step, reuse_step, None)
     return (_pmean(out, axis_name),
-            LookSAMState(optax.safe_increment(state.count), inner_state, g_v, state.period))
+            LookSAMState(optax.safe_increment(state.count), inner_state, g_v, g_v_norm, state.period))
 
   return optax.GradientTransformationExtraArgs(init, update)
 
