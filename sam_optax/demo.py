@@ -5,7 +5,9 @@ Flax CNN with BatchNorm and dropout on the 8x8 digits that ship with
 scikit-learn (no download), with symmetric label noise on the training set
 (where SAM's benefit shows: Foret et al. 2021, Table 4), for each optimizer
 and seed; prints a table of test accuracy (mean ± std over seeds), train time
-and steps/s; and writes a PNG of test accuracy per epoch.
+and steps/s, and the final solution's sharpness (top Hessian eigenvalue and
+max-sharpness in the rho=0.05 L2 ball, on 512 training examples); and writes a
+PNG of test accuracy per epoch.
 """
 
 from __future__ import annotations
@@ -91,7 +93,7 @@ def optimizers(lr: float, steps: int, rho: float) -> dict[str, Callable[[], opta
   }
 
 
-def train_one(model, make_opt, data, *, epochs, batch_size, seed, progress=None):
+def train_one(model, make_opt, data, *, epochs, batch_size, seed, progress=None, with_sharpness=True):
   x_tr, y_tr, x_te, y_te = data
   key = jax.random.key(seed)
   variables = model.init({"params": key}, jnp.asarray(x_tr[:2]), train=False)
@@ -122,7 +124,30 @@ def train_one(model, make_opt, data, *, epochs, batch_size, seed, progress=None)
     if progress is not None:
       progress.update(1)
   timed_steps = steps_per_epoch * max(epochs - 1, 1)
-  return accs, t_train, timed_steps / max(t_train, 1e-9)
+  sharp = final_sharpness(state.replace(params=params), x_tr, y_tr) if with_sharpness else None
+  return accs, t_train, timed_steps / max(t_train, 1e-9), sharp
+
+
+def final_sharpness(state, x_tr, y_tr, n: int = 512, rho: float = 0.05):
+  """Top Hessian eigenvalue and max-sharpness (L2 ball, rho) of the training loss on a
+  fixed subset of the (noisy) training set, BatchNorm in inference mode, no dropout."""
+  from sam_optax import sharpness
+  x, y = jnp.asarray(x_tr[:n]), jnp.asarray(y_tr[:n])
+
+  def loss_fn(p):
+    variables = {"params": p}
+    if state.batch_stats is not None:
+      variables["batch_stats"] = state.batch_stats
+    return ft.softmax_cross_entropy(state.apply_fn(variables, x, train=False), y)
+
+  @jax.jit
+  def measure(p):
+    # unrolled: XLA:CPU runs convolutions inside loops far slower (jax-ml/jax#12868)
+    lam, _ = sharpness.hessian_top_eigenvalue(loss_fn, p, num_iters=20, unroll=True)
+    return lam, sharpness.max_sharpness(loss_fn, p, rho, steps=5, unroll=True)
+
+  lam, ms = measure(state.params)
+  return float(lam), float(ms)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -140,6 +165,8 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument("--rho", type=float, default=0.1)
   parser.add_argument("--out", default="demo_out", help="folder for the plot")
   parser.add_argument("--no-progress", action="store_true")
+  parser.add_argument("--no-sharpness", action="store_true",
+                      help="skip the final solution's Hessian top eigenvalue and max-sharpness")
   args = parser.parse_args(argv)
 
   names = [n.strip() for n in args.optimizers.split(",") if n.strip()]
@@ -160,7 +187,8 @@ def main(argv: list[str] | None = None) -> int:
       if bar is not None:
         bar.set_postfix_str(f"{name} seed {seed}")
       runs.append(train_one(model, table[name], data, epochs=args.epochs,
-                            batch_size=args.batch_size, seed=seed, progress=bar))
+                            batch_size=args.batch_size, seed=seed, progress=bar,
+                            with_sharpness=not args.no_sharpness))
     results[name] = runs
   if bar is not None:
     bar.close()
@@ -169,6 +197,8 @@ def main(argv: list[str] | None = None) -> int:
         f"{args.seeds} seeds, rho={args.rho}, backend={jax.default_backend()}")
   header = f"{'optimizer':<12}{'test acc (final)':>20}{'best epoch acc':>18}{'train s':>10}" \
            f"{'steps/s':>10}"
+  if not args.no_sharpness:
+    header += f"{'top eig (H)':>18}{'max-sharp rho=.05':>22}"
   print(header)
   print("-" * len(header))
   for name, runs in results.items():
@@ -176,8 +206,13 @@ def main(argv: list[str] | None = None) -> int:
     best = np.array([max(r[0]) for r in runs]) * 100
     t = np.mean([r[1] for r in runs])
     sps = np.mean([r[2] for r in runs])
-    print(f"{name:<12}{final.mean():>13.2f} ± {final.std():<4.2f}{best.mean():>12.2f} ± "
-          f"{best.std():<4.2f}{t:>9.1f}{sps:>10.1f}")
+    line = (f"{name:<12}{final.mean():>13.2f} ± {final.std():<4.2f}{best.mean():>12.2f} ± "
+            f"{best.std():<4.2f}{t:>9.1f}{sps:>10.1f}")
+    if not args.no_sharpness:
+      lam = np.array([r[3][0] for r in runs])
+      ms = np.array([r[3][1] for r in runs])
+      line += f"{lam.mean():>11.2f} ± {lam.std():<4.2f}{ms.mean():>14.4f} ± {ms.std():<6.4f}"
+    print(line)
 
   try:
     import matplotlib

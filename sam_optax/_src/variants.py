@@ -182,7 +182,9 @@ def looksam(rho: core.ScalarOrSchedule = 0.05, k: int = 5, alpha: float = 0.7, *
   return optax.GradientTransformationExtraArgs(init, update)
 
 
-gating.register_gate(LookSAMState, jax.jit(lambda s: s.count % s.period == 0))
+# Host-side decisions read only the scalars they need (passing the whole state to a
+# jitted function would flatten and transfer every stored direction each step).
+gating.register_gate(LookSAMState, lambda s: int(s.count) % int(s.period) == 0)
 
 
 # ------------------------------------------------------------------ randomized
@@ -263,8 +265,8 @@ def randomized(transform: optax.GradientTransformation,
   return optax.GradientTransformationExtraArgs(init, update)
 
 
-gating.register_gate(RandomizedState, jax.jit(
-    lambda s: _bernoulli_at(s.key, s.count, s.probability)))
+_decide_randomized = jax.jit(_bernoulli_at)
+gating.register_gate(RandomizedState, lambda s: _decide_randomized(s.key, s.count, s.probability))
 
 
 # ---------------------------------------------------------------------- AE-SAM
