@@ -17,6 +17,7 @@ import os
 import sys
 import time
 from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -93,7 +94,18 @@ def optimizers(lr: float, steps: int, rho: float) -> dict[str, Callable[[], opta
   }
 
 
-def train_one(model, make_opt, data, *, epochs, batch_size, seed, progress=None, with_sharpness=True):
+class Run(NamedTuple):
+  """One training run: test accuracy per epoch, train seconds (epochs after the first),
+  steps/s, (top eigenvalue, max-sharpness) or None, and the final state (clean params)."""
+  accs: list
+  train_s: float
+  steps_per_s: float
+  sharpness: tuple | None
+  state: Any
+
+
+def train_one(model, make_opt, data, *, epochs, batch_size, seed, progress=None,
+              with_sharpness=True) -> Run:
   x_tr, y_tr, x_te, y_te = data
   key = jax.random.key(seed)
   variables = model.init({"params": key}, jnp.asarray(x_tr[:2]), train=False)
@@ -125,7 +137,7 @@ def train_one(model, make_opt, data, *, epochs, batch_size, seed, progress=None,
       progress.update(1)
   timed_steps = steps_per_epoch * max(epochs - 1, 1)
   sharp = final_sharpness(state.replace(params=params), x_tr, y_tr) if with_sharpness else None
-  return accs, t_train, timed_steps / max(t_train, 1e-9), sharp
+  return Run(accs, t_train, timed_steps / max(t_train, 1e-9), sharp, state.replace(params=params))
 
 
 def final_sharpness(state, x_tr, y_tr, n: int = 512, rho: float = 0.05):
@@ -202,15 +214,15 @@ def main(argv: list[str] | None = None) -> int:
   print(header)
   print("-" * len(header))
   for name, runs in results.items():
-    final = np.array([r[0][-1] for r in runs]) * 100
-    best = np.array([max(r[0]) for r in runs]) * 100
-    t = np.mean([r[1] for r in runs])
-    sps = np.mean([r[2] for r in runs])
+    final = np.array([r.accs[-1] for r in runs]) * 100
+    best = np.array([max(r.accs) for r in runs]) * 100
+    t = np.mean([r.train_s for r in runs])
+    sps = np.mean([r.steps_per_s for r in runs])
     line = (f"{name:<12}{final.mean():>13.2f} ± {final.std():<4.2f}{best.mean():>12.2f} ± "
             f"{best.std():<4.2f}{t:>9.1f}{sps:>10.1f}")
     if not args.no_sharpness:
-      lam = np.array([r[3][0] for r in runs])
-      ms = np.array([r[3][1] for r in runs])
+      lam = np.array([r.sharpness[0] for r in runs])
+      ms = np.array([r.sharpness[1] for r in runs])
       line += f"{lam.mean():>11.2f} ± {lam.std():<4.2f}{ms.mean():>14.4f} ± {ms.std():<6.4f}"
     print(line)
 
@@ -224,7 +236,7 @@ def main(argv: list[str] | None = None) -> int:
   os.makedirs(args.out, exist_ok=True)
   fig, ax = plt.subplots(figsize=(6, 4))
   for name, runs in results.items():
-    curves = np.array([r[0] for r in runs]) * 100
+    curves = np.array([r.accs for r in runs]) * 100
     epochs = np.arange(1, curves.shape[1] + 1)
     ax.plot(epochs, curves.mean(0), label=name)
     ax.fill_between(epochs, curves.min(0), curves.max(0), alpha=0.2)
