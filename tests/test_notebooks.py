@@ -1,6 +1,5 @@
 """Executes the four notebooks with small settings (SAM_OPTAX_NOTEBOOK_SMALL=1); fails on any error."""
 
-import os
 from pathlib import Path
 
 import nbformat
