@@ -28,7 +28,7 @@ import sam_optax as so
 from sam_optax import flax_training as ft
 
 try:
-  from tqdm.auto import tqdm
+  from tqdm import tqdm
 except ImportError:  # pragma: no cover
   tqdm = None
 
