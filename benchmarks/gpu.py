@@ -23,7 +23,7 @@ import numpy as np
 import optax
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from step_cost import build_step, make_optimizers  # noqa: E402
+from step_cost import measure_all  # noqa: E402
 
 
 class BasicBlock(nn.Module):
@@ -74,38 +74,12 @@ def main():
                                                                       b[1]).mean()
   print(f"# {jax.devices()[0].device_kind}, jax {jax.__version__}, ResNet-18 layout width {width}, "
         f"{n_params / 1e6:.1f}M params, batch {batch}, {time.strftime('%Y-%m-%d')}")
-  opts = make_optimizers()
-  steps, states, compile_s, temp = {}, {}, {}, {}
-  for name, opt in opts.items():
-    steps[name] = build_step(name, opt, loss)
-    p = jax.tree.map(jnp.copy, params)
-    s = opt.init(p)
-    t0 = time.perf_counter()
-    fn = steps[name].programs[True] if hasattr(steps[name], "programs") else steps[name]
-    compiled = fn.lower(p, s, (x, y)).compile()
-    compile_s[name] = time.perf_counter() - t0
-    temp[name] = getattr(compiled.memory_analysis(), "temp_size_in_bytes", 0)
-    for _ in range(3):
-      p, s = steps[name](p, s, (x, y))
-    jax.block_until_ready(p)
-    states[name] = (p, s)
-  times = {n: [] for n in opts}
-  block = 2 if args.tiny else 10
-  for _ in range(1 if args.tiny else args.reps):
-    for name in opts:
-      p, s = states[name]
-      t0 = time.perf_counter()
-      for _ in range(block):
-        p, s = steps[name](p, s, (x, y))
-      jax.block_until_ready(p)
-      times[name].append((time.perf_counter() - t0) / block)
-      states[name] = (p, s)
-  med = {n: float(np.median(t)) for n, t in times.items()}
+  res = measure_all(params, (x, y), loss, reps=1 if args.tiny else args.reps, block=2 if args.tiny else 10)
   print("| optimizer | ms/step | images/s | × base | × optax.contrib.sam | compile s | temp MiB |")
   print("|---|---|---|---|---|---|---|")
-  for n in opts:
-    print(f"| {n} | {1e3 * med[n]:.2f} | {batch / med[n]:.0f} | {med[n] / med['base']:.2f} | "
-          f"{med[n] / med['optax_contrib_sam']:.2f} | {compile_s[n]:.1f} | {temp[n] / 2**20:.1f} |")
+  for n, r in res.items():
+    print(f"| {n} | {r['median_ms']:.2f} | {1e3 * batch / r['median_ms']:.0f} | {r['vs_base']:.2f} | "
+          f"{r['vs_optax_contrib_sam']:.2f} | {r['compile_s']:.1f} | {r['temp_bytes'] / 2**20:.1f} |")
 
 
 if __name__ == "__main__":

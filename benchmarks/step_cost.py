@@ -119,6 +119,11 @@ BLOCK = 10
 
 def measure(model_name, reps, batch, width=512):
   params, data, loss = model_and_data(model_name, batch, width)
+  return measure_all(params, data, loss, reps)
+
+
+def measure_all(params, data, loss, reps, block=BLOCK):
+  """Compile, warm and time every optimizer's step on (params, data, loss); see the module doc."""
   opts = make_optimizers()
   steps, states = {}, {}
   compile_s, memory = {}, {}
@@ -145,10 +150,10 @@ def measure(model_name, reps, batch, width=512):
     for name in opts:
       p, s = states[name]
       t0 = time.perf_counter()
-      for _ in range(BLOCK):
+      for _ in range(block):
         p, s = steps[name](p, s, data)
       jax.block_until_ready(p)
-      times[name].append((time.perf_counter() - t0) / BLOCK)
+      times[name].append((time.perf_counter() - t0) / block)
       states[name] = (p, s)
   med = {n: float(np.median(t)) for n, t in times.items()}
   return {n: {"median_ms": 1e3 * med[n], "vs_base": med[n] / med["base"],
