@@ -26,29 +26,12 @@ import optax
 
 import sam_optax as so
 from sam_optax import flax_training as ft
+from sam_optax.datasets import load_digits
 
 try:
   from tqdm import tqdm
 except ImportError:  # pragma: no cover
   tqdm = None
-
-
-def load_digits(seed: int = 0, label_noise: float = 0.0, test_fraction: float = 0.33):
-  """Digits as (x_train, y_train, x_test, y_test); train labels flipped at random."""
-  from sklearn.datasets import load_digits as sk_digits
-  data = sk_digits()
-  x = (data.images.astype(np.float32) / 16.0)[..., None]
-  y = data.target.astype(np.int32)
-  rng = np.random.default_rng(1234)  # fixed split
-  order = rng.permutation(len(y))
-  n_test = int(len(y) * test_fraction)
-  test, train = order[:n_test], order[n_test:]
-  y_train = y[train].copy()
-  noise_rng = np.random.default_rng(seed)
-  flip = noise_rng.random(len(y_train)) < label_noise
-  # symmetric noise: a flipped label is uniform over the other classes
-  y_train[flip] = (y_train[flip] + noise_rng.integers(1, 10, flip.sum())) % 10
-  return x[train], y_train, x[test], y[test]
 
 
 def make_model(name: str):
