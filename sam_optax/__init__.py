@@ -8,7 +8,7 @@ Perturbation geometries are small transformations (:func:`l2`,
 """
 
 from sam_optax._src.aliases import asam, sam
-from sam_optax._src.core import SharpnessAwareState, sharpness_aware
+from sam_optax._src.core import SharpnessAwareState, Telemetry, sharpness_aware
 from sam_optax._src.distributed import local_params
 from sam_optax._src.gating import gated_jit
 from sam_optax._src.perturbations import (
@@ -35,6 +35,7 @@ from sam_optax._src.perturbations import (
     unnormalized,
     variance_suppressed,
 )
+from sam_optax._src.telemetry import metrics
 from sam_optax._src.variants import (
     AdaptivePolicyState,
     GSAMState,
@@ -66,6 +67,7 @@ __all__ = (
     "SharpnessAwareState",
     "SparseState",
     "StochasticState",
+    "Telemetry",
     "VarianceSuppressedState",
     "adaptive",
     "adaptive_policy",
@@ -81,6 +83,7 @@ __all__ = (
     "looksam",
     "make_perturbation",
     "masked",
+    "metrics",
     "msam",
     "msam_clean_params",
     "normalization_mask",

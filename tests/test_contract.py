@@ -58,7 +58,7 @@ OPTIMIZERS["msam_adamw"] = lambda: so.msam(optax.adamw(1e-3), rho=1.0)
 def test_table_covers_every_exported_transformation():
   exported = {n for n in so.__all__ if n[0].islower()}
   helpers = {"gated_jit", "kernel_mask", "normalization_mask", "make_perturbation", "local_params",
-             "msam_clean_params", "rho_schedule_from_lr", "masked"}
+             "msam_clean_params", "rho_schedule_from_lr", "masked", "metrics"}
   covered = set(TRANSFORMS) | set(OPTIMIZERS) | {"masked"}
   assert exported - helpers - covered == set()
 

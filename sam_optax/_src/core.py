@@ -2,20 +2,78 @@
 
 from __future__ import annotations
 
-import math
+import warnings
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from sam_optax._src import distributed
 from sam_optax._src import perturbations as pert
 from sam_optax._src import tree as tu
+from sam_optax._src.validation import check_int, check_real, check_static_int, check_transform
 
 PyTree = Any
 ScalarOrSchedule = float | jax.Array | Callable[[jax.Array], jax.Array]
+
+
+class Telemetry(NamedTuple):
+  r"""What the last sharpness-aware step saw, as float32 scalars (read them with
+  :func:`sam_optax.metrics`).
+
+  Attributes:
+    clean_grad_norm: :math:`\|g\|`, the norm of the incoming gradient.
+    perturbation_norm: :math:`\|\epsilon\|`, the length of the step to the
+      perturbed point (:math:`\rho` for SAM with a non-zero gradient).
+    perturbed_grad_norm: :math:`\|g_{adv}\|`, the norm of the gradient at the
+      perturbed point.
+    cosine: :math:`\cos(g, g_{adv})`; 0 when either is zero.
+    clean_loss: :math:`L(w)`, when the caller passed ``value=``.
+    perturbed_loss: :math:`L(w + \epsilon)`, when the caller passed
+      ``value_and_grad_fn=``.
+    has_clean_loss, has_perturbed_loss: int32 1/0, whether the two losses were
+      given on the last step (:func:`sam_optax.metrics` omits absent entries).
+  """
+  clean_grad_norm: jax.Array
+  perturbation_norm: jax.Array
+  perturbed_grad_norm: jax.Array
+  cosine: jax.Array
+  clean_loss: jax.Array
+  perturbed_loss: jax.Array
+  has_clean_loss: jax.Array
+  has_perturbed_loss: jax.Array
+
+
+_FLOAT_FIELDS = ("clean_grad_norm", "perturbation_norm", "perturbed_grad_norm", "cosine",
+                 "clean_loss", "perturbed_loss")
+
+
+def empty_telemetry() -> Telemetry:
+  z, i = jnp.zeros([], jnp.float32), jnp.zeros([], jnp.int32)
+  return Telemetry(z, z, z, z, z, z, i, i)
+
+
+def make_telemetry(g: PyTree, delta: PyTree | None, g_adv: PyTree, clean_loss: Any,
+                   perturbed_loss: Any, eps: float = 1e-12, *,
+                   perturbation_norm: Any = None) -> Telemetry:
+  """Telemetry of one step; a loss given as None is recorded as absent (0, flag 0)."""
+  f32 = lambda x: jnp.asarray(x).astype(jnp.float32)
+  g_norm, adv_norm = tu.norm(g), tu.norm(g_adv)
+  cos = tu.vdot(g, g_adv) * tu.safe_inverse(g_norm * adv_norm, eps * eps)
+  if perturbation_norm is None:
+    perturbation_norm = tu.norm(delta)
+
+  def loss(x):
+    if x is None:
+      return jnp.zeros([], jnp.float32), jnp.zeros([], jnp.int32)
+    return f32(jnp.real(x)), jnp.ones([], jnp.int32)
+
+  (cl, has_cl), (pl, has_pl) = loss(clean_loss), loss(perturbed_loss)
+  return Telemetry(f32(g_norm), f32(perturbation_norm), f32(adv_norm), f32(cos), cl, pl,
+                   has_cl, has_pl)
 
 
 class SharpnessAwareState(NamedTuple):
@@ -26,23 +84,26 @@ class SharpnessAwareState(NamedTuple):
       schedule).
     perturbation_state: the state of the perturbation transformation (EMAs,
       PRNG keys, masks; ``EmptyState`` for stateless ones).
+    telemetry: a :class:`Telemetry` of the last step (``None`` when built with
+      ``telemetry=False``).
   """
   count: jax.Array
   perturbation_state: optax.OptState
+  telemetry: Telemetry | None = None
 
 
 def check_rho(rho: Any, fn: str = "sharpness_aware") -> None:
   """Raises on a rho that is neither a schedule nor a finite number >= 0."""
-  if callable(rho) or isinstance(rho, jax.core.Tracer):
+  if callable(rho):
     return
   try:
-    value = float(rho)
-  except (TypeError, ValueError):
+    check_real("rho", rho, fn, low=0.0)
+  except TypeError:
     raise TypeError(f"`{fn}(rho=...)` must be a float or a schedule (a callable of the "
-                    f"step count), got {type(rho).__name__}.") from None
-  if not math.isfinite(value) or value < 0:
+                    f"step count), got {type(rho).__name__} {rho!r}.") from None
+  except ValueError:
     raise ValueError(f"`{fn}(rho=...)` must be finite and >= 0, got {rho!r}; the usual "
-                     "value is 0.05 for SAM (0.5 to 1.0 for ASAM).")
+                     "value is 0.05 for SAM (0.5 to 1.0 for ASAM).") from None
 
 
 def check_axis_name(axis_name: Any, fn: str) -> None:
@@ -56,19 +117,69 @@ def rho_at(rho: ScalarOrSchedule, count: jax.Array) -> jax.Array:
   return jnp.asarray(value, jnp.float32)
 
 
-def check_update_call(fn: str, params: PyTree, grad_fn: Any) -> None:
-  """Trace-time checks of an update call that needs params and grad_fn."""
-  if grad_fn is None:
+GradientOracle = Callable[[PyTree], tuple[Any, PyTree]]
+
+
+def check_update_call(fn: str, params: PyTree, grad_fn: Any,
+                      value_and_grad_fn: Any = None) -> None:
+  """Trace-time checks of an update call that needs params and a gradient closure."""
+  if grad_fn is None and value_and_grad_fn is None:
     raise TypeError(
         f"`{fn}` needs the loss gradient closure: call `update(grads, state, params, "
-        "grad_fn=grad_fn)` with `grad_fn = lambda p: jax.grad(loss)(p, batch)`; inside "
-        "`optax.chain` pass it as a keyword to the chain's `update`.")
-  if not callable(grad_fn):
-    raise TypeError(f"`{fn}`: `grad_fn` must be callable (params -> gradient pytree), "
-                    f"got {type(grad_fn).__name__}.")
+        "grad_fn=grad_fn)` with `grad_fn = lambda p: jax.grad(loss)(p, batch)` (or "
+        "`value_and_grad_fn=lambda p: jax.value_and_grad(loss)(p, batch)` to also record "
+        "the perturbed loss); inside `optax.chain` pass it as a keyword to the chain's "
+        "`update`.")
+  if grad_fn is not None and value_and_grad_fn is not None:
+    raise TypeError(f"`{fn}`: pass either `grad_fn=` or `value_and_grad_fn=`, not both.")
+  for name, f in (("grad_fn", grad_fn), ("value_and_grad_fn", value_and_grad_fn)):
+    if f is not None and not callable(f):
+      raise TypeError(f"`{fn}`: `{name}` must be callable (params -> "
+                      f"{'gradient pytree' if name == 'grad_fn' else '(loss, gradient)'}), "
+                      f"got {type(f).__name__}.")
   if params is None:
     raise ValueError(f"`{fn}` needs the current parameters: call "
                      "`update(grads, state, params, grad_fn=...)` with `params`, not None.")
+
+
+def gradient_oracle(fn: str, params: PyTree, grad_fn: Any = None,
+                    value_and_grad_fn: Any = None) -> GradientOracle:
+  """One closure ``point -> (loss or None, gradient)`` from whichever the caller gave.
+
+  The gradient is checked against ``params``' structure and cast to its dtypes;
+  a ``grad_fn`` that returns a ``(loss, grads)`` pair gets an error pointing to
+  ``value_and_grad_fn=``.
+  """
+  check_update_call(fn, params, grad_fn, value_and_grad_fn)
+
+  def oracle(point):
+    if value_and_grad_fn is not None:
+      out = value_and_grad_fn(point)
+      if not (isinstance(out, tuple) and len(out) == 2):
+        raise TypeError(f"`{fn}`: `value_and_grad_fn` must return a `(loss, grads)` pair "
+                        f"like `jax.value_and_grad(loss)`, got {type(out).__name__}.")
+      loss, g = out
+      if jnp.ndim(loss) != 0:
+        raise ValueError(f"`{fn}`: the loss returned by `value_and_grad_fn` must be a "
+                         f"scalar, got shape {jnp.shape(loss)}; with `has_aux=True` return "
+                         "`(loss, grads)` without the aux part.")
+    else:
+      loss, g = None, grad_fn(point)
+      _reject_value_and_grad_pair(g, params, fn)
+    _describe_mismatch(g, params, "the gradient returned by the closure", fn)
+    return loss, tu.cast_like(g, params)
+
+  return oracle
+
+
+def _reject_value_and_grad_pair(g: Any, params: PyTree, fn: str) -> None:
+  if (isinstance(g, tuple) and len(g) == 2 and jnp.ndim(g[0]) == 0
+      and jax.tree.structure(g) != jax.tree.structure(params)
+      and jax.tree.structure(g[1]) == jax.tree.structure(params)):
+    raise TypeError(
+        f"`{fn}`: `grad_fn` returned a `(loss, grads)` pair; `grad_fn` must return the "
+        "gradient only. Pass it as `value_and_grad_fn=` instead (then the perturbed "
+        "loss is recorded too), or use `jax.grad` in `grad_fn`.")
 
 
 def _describe_mismatch(got: PyTree, like: PyTree, what: str, fn: str) -> None:
@@ -92,23 +203,17 @@ def _describe_mismatch(got: PyTree, like: PyTree, what: str, fn: str) -> None:
                      + "; ".join(bad[:5]) + ". Return the gradient with respect to `p`.")
 
 
-def call_grad_fn(grad_fn: Callable, point: PyTree, params: PyTree, fn: str) -> PyTree:
-  """grad_fn(point), checked against params' structure and cast to params' dtypes."""
-  g = grad_fn(point)
-  _describe_mismatch(g, params, "the pytree returned by `grad_fn`", fn)
-  return tu.cast_like(g, params)
-
-
 def perturbed_gradient(
-    grad_fn: Callable, params: PyTree, direction: PyTree, radius: jax.Array, *,
+    oracle: GradientOracle, params: PyTree, direction: PyTree, radius: jax.Array, *,
     ascent_steps: int = 1, perturbation: optax.GradientTransformation | None = None,
     perturbation_state: Any = None, extra_args: dict | None = None,
-    fn: str = "sharpness_aware") -> PyTree:
-  """The gradient at ``params + delta`` after ``ascent_steps`` ascent steps.
+    ) -> tuple[Any, PyTree, PyTree]:
+  """``(loss, gradient, delta)`` at ``params + delta`` after ``ascent_steps`` steps.
 
   One step: delta = radius * direction (no projection, so SAM is exact to the
   bit). K steps: delta <- Proj(delta + radius/K * d(grad at params+delta)) in the
-  perturbation's geometry, starting from the given direction.
+  perturbation's geometry, starting from the given direction. ``oracle`` comes
+  from :func:`gradient_oracle`; the loss is None when it has none.
   """
   if ascent_steps == 1:
     delta = tu.scale(direction, radius)
@@ -120,10 +225,49 @@ def perturbed_gradient(
     # Unrolled on purpose: XLA:CPU runs convolutions inside while-loops far slower
     # than outside (jax-ml/jax#12868); K is small, so compile time stays modest.
     for _ in range(ascent_steps - 1):
-      g = call_grad_fn(grad_fn, tu.add_scaled(params, 1.0, delta), params, fn)
+      _, g = oracle(tu.add_scaled(params, 1.0, delta))
       d, _ = update(g, perturbation_state, params, **(extra_args or {}))
       delta = project(tu.add_scaled(delta, step, d), radius, params)
-  return call_grad_fn(grad_fn, tu.add_scaled(params, 1.0, delta), params, fn)
+  loss, g_adv = oracle(tu.add_scaled(params, 1.0, delta))
+  return loss, g_adv, delta
+
+
+# The chain-order guard looks at the first few steps only.
+_ORDER_CHECK_STEPS = 3
+_ORDER_COSINE = -0.1
+_ORDER_MESSAGE = (
+    "`{fn}`: the incoming `updates` point away from the gradient at the perturbed point "
+    "(cosine {cos:.2f}), which is what happens when the sharpness-aware transformation is "
+    "not first in the chain: it must come first, so that it receives the raw loss "
+    "gradient. Write `optax.chain(sam_optax.sharpness_aware(rho), <base optimizer>)` (or "
+    "`sam_optax.sam(base, rho)`), not `optax.chain(<base optimizer>, sharpness_aware(rho))`.")
+
+
+def order_guard(fn: str) -> Callable[[jax.Array, jax.Array], None]:
+  """A check, once per transformation instance, that ``updates`` is the loss gradient.
+
+  If the transform sits after the base optimizer its ``updates`` are
+  ``-lr * (something like g)``, so their cosine with the perturbed gradient is
+  close to -1 in the first steps; a real gradient gives a positive cosine. The
+  check runs inside a ``lax.cond`` on the first steps only and warns from the host.
+  """
+  warned = [False]
+
+  def warn(count, cos):
+    # re-checked here: under vmap the cond below becomes a select and always calls back
+    bad = (np.asarray(count) < _ORDER_CHECK_STEPS) & (np.asarray(cos) < _ORDER_COSINE)
+    if bad.any() and not warned[0]:
+      warned[0] = True
+      warnings.warn(_ORDER_MESSAGE.format(fn=fn, cos=float(np.min(np.asarray(cos)[bad]))),
+                    UserWarning, stacklevel=2)
+
+  def check(count, cos):
+    if warned[0]:
+      return
+    jax.lax.cond((count < _ORDER_CHECK_STEPS) & (cos < _ORDER_COSINE),
+                 lambda c, x: jax.debug.callback(warn, c, x), lambda c, x: None, count, cos)
+
+  return check
 
 
 def sharpness_aware(
@@ -132,6 +276,7 @@ def sharpness_aware(
     eps: float = 1e-12,
     ascent_steps: int = 1,
     axis_name: str | tuple[str, ...] | None = None,
+    telemetry: bool = True,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Sharpness-aware gradient: replaces g by the gradient at a perturbed point.
 
@@ -160,11 +305,17 @@ def sharpness_aware(
       ``pmap``: each device perturbs with its own local ``updates`` and the
       perturbed gradients are averaged with ``lax.pmean`` over this axis. Pass
       *local* (not yet averaged) gradients. ``None``: no collective.
+    telemetry: record a :class:`Telemetry` of each step in the state (norms,
+      cosine, losses when given; a few reductions, no extra gradient pass).
 
   Returns:
     An :class:`optax.GradientTransformationExtraArgs` whose ``update`` takes
     ``(updates, state, params, *, grad_fn, **extra_args)``; unused extra
-    arguments are ignored and forwarded to the perturbation.
+    arguments are ignored and forwarded to the perturbation. Instead of
+    ``grad_fn`` the caller may pass ``value_and_grad_fn`` (params -> ``(loss,
+    grads)``, as ``jax.value_and_grad`` gives) and the clean loss as
+    ``value=``; then the state records the clean and perturbed losses too (the
+    perturbed loss comes from the gradient pass that runs anyway).
 
   Example:
     >>> import jax, jax.numpy as jnp, optax, sam_optax
@@ -186,9 +337,8 @@ def sharpness_aware(
   """
   check_rho(rho)
   pert._check_nonneg("eps", eps, "sharpness_aware", "use a small positive value such as 1e-12.")
-  if not isinstance(ascent_steps, int) or isinstance(ascent_steps, bool) or ascent_steps < 1:
-    raise ValueError(f"`sharpness_aware(ascent_steps=...)` must be an int >= 1, got "
-                     f"{ascent_steps!r}; 1 is SAM.")
+  check_static_int("ascent_steps", ascent_steps, "sharpness_aware", hint="1 is SAM")
+  ascent_steps = int(ascent_steps)
   check_axis_name(axis_name, "sharpness_aware")
   if perturbation is None:
     perturbation = pert.l2(eps)
@@ -198,24 +348,37 @@ def sharpness_aware(
                     f"{type(perturbation).__name__}.")
   p_update = optax.with_extra_args_support(perturbation).update
 
+  guard = order_guard("sharpness_aware")
+
   def init_fn(params):
     if params is None:
       raise ValueError("`sharpness_aware.init(params)` needs the parameters, not None.")
-    return SharpnessAwareState(jnp.zeros([], jnp.int32), perturbation.init(params))
+    return SharpnessAwareState(jnp.zeros([], jnp.int32), perturbation.init(params),
+                               empty_telemetry() if telemetry else None)
 
-  def update_fn(updates, state, params=None, *, grad_fn=None, **extra_args):
-    check_update_call("sharpness_aware.update", params, grad_fn)
-    _describe_mismatch(updates, params, "`updates`", "sharpness_aware.update")
+  def update_fn(updates, state, params=None, *, grad_fn=None, value_and_grad_fn=None,
+                value=None, **extra_args):
+    fn = "sharpness_aware.update"
+    oracle = gradient_oracle(fn, params, grad_fn, value_and_grad_fn)
+    _describe_mismatch(updates, params, "`updates`", fn)
     if axis_name is not None:
       distributed.check_local_gradient(updates, axis_name, "sharpness_aware")
     radius = rho_at(rho, state.count)
     direction, p_state = p_update(updates, state.perturbation_state, params, **extra_args)
-    g_adv = perturbed_gradient(grad_fn, params, direction, radius, ascent_steps=ascent_steps,
-                               perturbation=perturbation, perturbation_state=p_state,
-                               extra_args=extra_args, fn="sharpness_aware.update")
-    if axis_name is not None:
-      g_adv = jax.lax.pmean(g_adv, axis_name)
+    loss, g_local, delta = perturbed_gradient(
+        oracle, params, direction, radius, ascent_steps=ascent_steps,
+        perturbation=perturbation, perturbation_state=p_state, extra_args=extra_args)
+    g_adv = g_local if axis_name is None else jax.lax.pmean(g_local, axis_name)
     g_adv = tu.cast_like(g_adv, updates)
-    return g_adv, SharpnessAwareState(optax.safe_increment(state.count), p_state)
+    record = None
+    if telemetry:
+      record = make_telemetry(updates, delta, g_local, value, loss, eps)
+      if axis_name is not None:  # one number for the whole axis, as the update is
+        record = record._replace(**{f: jax.lax.pmean(getattr(record, f), axis_name)
+                                    for f in _FLOAT_FIELDS})
+      guard(state.count, record.cosine)
+    else:
+      guard(state.count, tu.cosine(updates, g_local, eps))
+    return g_adv, SharpnessAwareState(optax.safe_increment(state.count), p_state, record)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)

@@ -11,7 +11,6 @@ one is projected onto the L2 ball.
 
 from __future__ import annotations
 
-import math
 import re
 from collections.abc import Callable
 from typing import Any, NamedTuple
@@ -21,6 +20,7 @@ import jax.numpy as jnp
 import optax
 
 from sam_optax._src import tree as tu
+from sam_optax._src.validation import check_int, check_real
 
 PyTree = Any
 Projection = Callable[[PyTree, jax.Array, PyTree], PyTree]
@@ -56,22 +56,15 @@ def project_l2(delta: PyTree, radius: jax.Array, params: PyTree) -> PyTree:
 
 
 def _check_nonneg(name: str, value: float, fn: str, hint: str) -> None:
-  if isinstance(value, jax.core.Tracer):
-    return
-  try:
-    v = float(value)
-  except (TypeError, ValueError):
-    raise TypeError(f"`{fn}({name}=...)` must be a real number, got {value!r}.") from None
-  if not math.isfinite(v) or v < 0:
-    raise ValueError(f"`{fn}({name}=...)` must be finite and >= 0, got {value!r}; {hint}")
+  check_real(name, value, fn, low=0.0, hint=hint.rstrip("."))
 
 
 def _check_unit(name: str, value: float, fn: str, *, open_left: bool = True) -> None:
-  v = float(value)
-  lo_ok = v > 0 if open_left else v >= 0
-  if not (lo_ok and v <= 1):
-    interval = "(0, 1]" if open_left else "[0, 1]"
-    raise ValueError(f"`{fn}({name}=...)` must lie in {interval}, got {value!r}.")
+  check_real(name, value, fn, low=0.0, high=1.0, low_open=open_left)
+
+
+def _check_decay(name: str, value: float, fn: str) -> None:
+  check_real(name, value, fn, low=0.0, high=1.0, high_open=True)
 
 
 def _need_params(params: PyTree, fn: str) -> None:
@@ -201,7 +194,7 @@ def adaptive(eta: float = 0.01, *, base: optax.GradientTransformation | None = N
     flags = [True] * len(jax.tree.leaves(params)) if where is None else _select_leaves(
         where, params)
     leaves, treedef = jax.tree.flatten(params)
-    return treedef.unflatten([jnp.abs(w) + jnp.asarray(eta, w.dtype) if f else jnp.ones_like(w)
+    return treedef.unflatten([(jnp.abs(w) + eta).astype(tu.real_dtype(w.dtype)) if f else jnp.ones_like(w)
                               for w, f in zip(leaves, flags, strict=False)])
 
   def init(params):
@@ -381,7 +374,7 @@ def fisher(eta: float = 1.0, eps: float = 1e-12) -> Perturbation:
 
   def update(updates, state, params=None, **extra_args):
     del params, extra_args
-    f = jax.tree.map(lambda g: g / (1 + eta * jnp.square(g)), updates)
+    f = jax.tree.map(lambda g: (g / (1 + eta * tu.abs2(g))).astype(g.dtype), updates)
     s = tu.safe_inverse(jnp.sqrt(jnp.maximum(tu.vdot(updates, f), 0.0)), eps)
     return tu.scale(f, s), state
 
@@ -415,8 +408,7 @@ def friendly(sigma: float = 1.0, decay: float = 0.9, eps: float = 1e-12) -> Pert
     <https://arxiv.org/abs/2403.12350>`_, CVPR 2024.
   """
   _check_nonneg("sigma", sigma, "friendly", "the paper uses sigma=1.0.")
-  if not 0 <= float(decay) < 1:
-    raise ValueError(f"`friendly(decay=...)` must lie in [0, 1), got {decay!r}.")
+  _check_decay("decay", decay, "friendly")
 
   def init(params):
     return FriendlyState(jnp.zeros([], jnp.int32), tu.zeros_like(params))
@@ -555,12 +547,176 @@ def sparse(sparsity: float = 0.5, refresh_every: int = 100, decay: float = 0.9,
     Stronger: A Sparsified Perturbation Approach
     <https://arxiv.org/abs/2210.05177>`_, NeurIPS 2022.
   """
-  if not 0 <= float(sparsity) < 1:
-    raise ValueError(f"`sparse(sparsity=...)` must lie in [0, 1), got {sparsity!r}.")
-  if int(refresh_every) < 1:
-    raise ValueError(f"`sparse(refresh_every=...)` must be a positive int, got {refresh_every!r}.")
-  if not 0 <= float(decay) < 1:
-    raise ValueError(f"`sparse(decay=...)` must lie in [0, 1), got {decay!r}.")
+  _check_decay("sparsity", sparsity, "sparse")
+  check_int("refresh_every", refresh_every, "sparse", minimum=1)
+  _check_decay("decay", decay, "sparse")
+
+  def init(params):
+    return SparseState(jnp.zeros([], jnp.int32),
+                       jax.tree.map(lambda w: jnp.zeros(w.shape, jnp.float32), params),
+                       jax.tree.map(lambda w: jnp.ones(w.shape, jnp.bool_), params))
+
+  def top_mask(score):
+    # The k-th largest score by bisection on the float32 bit patterns (monotone for
+    # scores >= 0): 31 passes of counts, each a sum per leaf. No flattening, sort or
+    # gather, so it runs on params sharded over an Explicit or Auto mesh alike, and
+    # k may be traced (an injected `sparsity`). Ties at the threshold are all kept.
+    leaves = jax.tree.leaves(score)
+    n = sum(x.size for x in leaves)
+    k = jnp.maximum(1, jnp.ceil((1.0 - jnp.asarray(sparsity, jnp.float32)) * n)).astype(jnp.int32)
+    bits = [jax.lax.bitcast_convert_type(x.astype(jnp.float32), jnp.int32) for x in leaves]
+
+    def count_at_least(t):
+      return sum((jnp.sum(b >= t, dtype=jnp.int32) for b in bits), jnp.zeros([], jnp.int32))
+
+    def halve(_, bounds):
+      lo, hi = bounds
+      mid = lo + (hi - lo) // 2
+      ok = count_at_least(mid) >= k
+      return jnp.where(ok, mid, lo), jnp.where(ok, hi, mid)
+
+    # invariant: count(>= lo) >= k > count(>= hi); +inf's bits + 1 bounds every finite score
+    lo, _ = jax.lax.fori_loop(0, 32, halve, (jnp.zeros([], jnp.int32),
+                                             jnp.asarray(0x7F800001, jnp.int32)))
+    return jax.tree.unflatten(jax.tree.structure(score), [b >= lo for b in bits])
+
+  def update(updates, state, params=None, **extra_args):
+    del params, extra_args
+    first = state.count == 0
+    d = jax.tree.map(lambda g, m: g - jnp.where(first, 0.0, sigma) * m.astype(g.dtype),
+                     updates, state.momentum)
+    new_m = jax.tree.map(
+        lambda g, m: jnp.where(first, g.astype(m.dtype), decay * m + (1 - decay) * g
+                               ).astype(m.dtype), updates, state.momentum)
+    return tu.normalize(d, eps), FriendlyState(optax.safe_increment(state.count), new_m)
+
+  return make_perturbation(init, update, project_l2)
+
+
+# ----------------------------------------------------------------- VaSSO
+
+
+class VarianceSuppressedState(NamedTuple):
+  """State of :func:`variance_suppressed`: the smoothed direction ``d`` and a count."""
+  count: jax.Array
+  direction: PyTree
+
+
+def variance_suppressed(theta: float = 0.9, eps: float = 1e-12) -> Perturbation:
+  r"""VaSSO: perturb along an exponential average of gradients.
+
+  .. math:: d_t = (1-\theta) d_{t-1} + \theta g_t,\quad d_0 = g_0,\qquad
+            \epsilon = \rho\, d_t / \|d_t\|
+
+  References:
+    Li, Giannakis, `Enhancing Sharpness-Aware Optimization Through Variance
+    Suppression <https://arxiv.org/abs/2309.15639>`_, NeurIPS 2023.
+  """
+  _check_unit("theta", theta, "variance_suppressed")
+
+  def init(params):
+    return VarianceSuppressedState(jnp.zeros([], jnp.int32), tu.zeros_like(params))
+
+  def update(updates, state, params=None, **extra_args):
+    del params, extra_args
+    first = state.count == 0
+    new_d = jax.tree.map(
+        lambda g, d: jnp.where(first, g.astype(d.dtype),
+                               (1 - theta) * d + theta * g).astype(d.dtype),
+        updates, state.direction)
+    return (tu.normalize(new_d, eps),
+            VarianceSuppressedState(optax.safe_increment(state.count), new_d))
+
+  return make_perturbation(init, update, project_l2)
+
+
+# ---------------------------------------------------------------- ESAM SWP
+
+
+class StochasticState(NamedTuple):
+  """State of :func:`stochastic`: the PRNG key for the next tensor mask."""
+  key: jax.Array
+
+
+def stochastic(keep_prob: float = 0.5, seed: int = 0, eps: float = 1e-12) -> Perturbation:
+  r"""ESAM's stochastic weight perturbation: perturb a random subset of tensors.
+
+  Each tensor (leaf) is kept with probability :math:`\beta`; with the mask
+  :math:`M`,
+
+  .. math:: d = \frac{M \odot g}{\beta\, \|M \odot g\|}
+
+  so :math:`\epsilon = (\rho/\beta)\, M\odot g/\|M\odot g\|`. The key lives in
+  the state, so runs are reproducible and resume exactly.
+
+  References:
+    Du, Yan, Feng, Zhou, Zhen, Goh, Tan, `Efficient Sharpness-aware
+    Minimization for Improved Training of Neural Networks
+    <https://arxiv.org/abs/2110.03141>`_, ICLR 2022.
+  """
+  _check_unit("keep_prob", keep_prob, "stochastic")
+
+  def init(params):
+    del params
+    return StochasticState(jax.random.key_data(jax.random.key(seed)))
+
+  def update(updates, state, params=None, **extra_args):
+    del params, extra_args
+    key, sub = jax.random.split(jax.random.wrap_key_data(state.key))
+    leaves, treedef = jax.tree.flatten(updates)
+    keep = jax.random.bernoulli(sub, keep_prob, (len(leaves),))
+    kept = treedef.unflatten([jnp.where(keep[i], g, jnp.zeros_like(g))
+                              for i, g in enumerate(leaves)])
+    d = tu.scale(kept, tu.safe_inverse(tu.norm(kept), eps) / keep_prob)
+    return d, StochasticState(jax.random.key_data(key))
+
+  def project(delta, radius, params):
+    return project_l2(delta, radius / keep_prob, params)
+
+  return make_perturbation(init, update, project)
+
+
+# ---------------------------------------------------------------- SSAM
+
+
+class SparseState(NamedTuple):
+  """State of :func:`sparse`: step count, the running g² estimate and the mask."""
+  count: jax.Array
+  fisher: PyTree
+  mask: PyTree
+
+
+def sparse(sparsity: float = 0.5, refresh_every: int = 100, decay: float = 0.9,
+           eps: float = 1e-12) -> Perturbation:
+  r"""SSAM-style sparse perturbation from a running Fisher estimate.
+
+  A running estimate :math:`\hat F \leftarrow \beta \hat F + (1-\beta) g^2` of
+  the diagonal empirical Fisher is kept; every ``refresh_every`` steps (and at
+  step 0, from :math:`g_0^2`) the binary mask :math:`M` is reset to keep the
+  :math:`\lceil (1-s) N \rceil` entries with the largest :math:`\hat F`
+  (globally, over the whole pytree). Then
+
+  .. math:: d = \frac{M \odot g}{\|M \odot g\|}
+
+  Relation to SSAM-F (Mi et al.): the paper scores entries by the squared
+  gradients of a sampled subset of the data and recomputes the mask every
+  :math:`T_m` iterations; here the score is an EMA of the training
+  mini-batches' own :math:`g^2`, so no extra passes are spent, and the refresh
+  runs inside the jitted step.
+
+  Args:
+    sparsity: fraction :math:`s \in [0, 1)` of entries left unperturbed.
+    refresh_every: steps between mask refreshes.
+    decay: EMA decay of the Fisher estimate.
+
+  References:
+    Mi, Shen, Ren, Zhou, Sun, Ji, Tao, `Make Sharpness-Aware Minimization
+    Stronger: A Sparsified Perturbation Approach
+    <https://arxiv.org/abs/2210.05177>`_, NeurIPS 2022.
+  """
+  _check_decay("sparsity", sparsity, "sparse")
+  check_int("refresh_every", refresh_every, "sparse", minimum=1)
+  _check_decay("decay", decay, "sparse")
 
   def init(params):
     return SparseState(jnp.zeros([], jnp.int32),
@@ -583,7 +739,7 @@ def sparse(sparsity: float = 0.5, refresh_every: int = 100, decay: float = 0.9,
   def update(updates, state, params=None, **extra_args):
     del params, extra_args
     first = state.count == 0
-    sq = jax.tree.map(lambda g: jnp.square(g.astype(jnp.float32)), updates)
+    sq = jax.tree.map(lambda g: tu.abs2(g, jnp.float32), updates)
     fisher_est = jax.tree.map(lambda f, s: jnp.where(first, s, decay * f + (1 - decay) * s),
                               state.fisher, sq)
     refresh = (state.count % refresh_every) == 0
@@ -623,10 +779,13 @@ def random_weight(sigma: float = 0.015, seed: int = 0) -> Perturbation:
     return RandomWeightState(jax.random.key_data(jax.random.key(seed)))
 
   def filter_norm(w):
-    w32 = w.astype(jnp.float32)
+    sq = tu.abs2(w)
     if w.ndim >= 2:
-      return jnp.sqrt(jnp.sum(jnp.square(w32), axis=tuple(range(w.ndim - 1)), keepdims=True))
-    return jnp.sqrt(jnp.sum(jnp.square(w32)))
+      return jnp.sqrt(jnp.sum(sq, axis=tuple(range(w.ndim - 1)), keepdims=True))
+    return jnp.sqrt(jnp.sum(sq))
+
+  def noise_dtype(w):  # complex params get complex noise (both parts perturbed)
+    return w.dtype if jnp.iscomplexobj(w) else jnp.promote_types(w.dtype, jnp.float32)
 
   def update(updates, state, params=None, **extra_args):
     del updates, extra_args
@@ -634,7 +793,7 @@ def random_weight(sigma: float = 0.015, seed: int = 0) -> Perturbation:
     key, sub = jax.random.split(jax.random.wrap_key_data(state.key))
     leaves, treedef = jax.tree.flatten(params)
     keys = jax.random.split(sub, max(len(leaves), 1))
-    noise = [(sigma * filter_norm(w) * jax.random.normal(keys[i], w.shape, jnp.float32)
+    noise = [(sigma * filter_norm(w) * jax.random.normal(keys[i], w.shape, noise_dtype(w))
               ).astype(w.dtype) for i, w in enumerate(leaves)]
     return treedef.unflatten(noise), RandomWeightState(jax.random.key_data(key))
 

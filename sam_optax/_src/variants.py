@@ -19,6 +19,17 @@ def _pmean(tree, axis_name):
   return tree if axis_name is None else jax.lax.pmean(tree, axis_name)
 
 
+def _took_pass(count: jax.Array, fraction: jax.Array, took: jax.Array
+               ) -> tuple[jax.Array, jax.Array]:
+  """``sam_step`` (1.0 if this step ran the second pass) and the running mean of it."""
+  step = took.astype(jnp.float32)
+  return step, fraction + (step - fraction) / (count.astype(jnp.float32) + 1.0)
+
+
+def _zero_f32() -> jax.Array:
+  return jnp.zeros([], jnp.float32)
+
+
 # ------------------------------------------------------------------------ GSAM
 
 
@@ -65,9 +76,7 @@ def gsam(rho: core.ScalarOrSchedule = 0.05, alpha: float = 0.6, *,
     # g_p - alpha * (g - (g.u) u), u = g_p/|g_p|, as one combination of g_p and g:
     # two reductions over g_p and one elementwise pass.
     coef = 1.0 + alpha * tu.vdot(g, g_p) * tu.safe_inverse(tu.sq_norm(g_p), eps * eps)
-    out = jax.tree.map(lambda a, b: (coef * a.astype(jnp.float32) - alpha * b.astype(jnp.float32)
-                                     ).astype(a.dtype), g_p, g)
-    return out, GSAMState(inner_state)
+    return tu.combine(g_p, coef, g, -alpha), GSAMState(inner_state)
 
   return optax.GradientTransformationExtraArgs(init, update)
 
@@ -116,14 +125,20 @@ class LookSAMState(NamedTuple):
     count: int32 steps taken; the SAM pass runs when ``count % k == 0``.
     inner: the core's state.
     g_v: the stored component of the SAM gradient orthogonal to g.
-    g_v_norm: float32 norm of ``g_v`` (kept so the reuse steps skip a reduction).
+    g_v_norm: norm of ``g_v`` (kept so the reuse steps skip a reduction), in the
+      params' reduction dtype (float32, float64 for float64 params).
     period: int32 k (constant; lets :func:`gated_jit` decide on the host).
+    sam_step: float32 1.0 if the last step ran the second pass, else 0.0.
+    sam_step_fraction: float32 running mean of ``sam_step``: the passes the
+      schedule really cost (1 + this fraction per step).
   """
   count: jax.Array
   inner: core.SharpnessAwareState
   g_v: PyTree
   g_v_norm: jax.Array
   period: jax.Array
+  sam_step: jax.Array
+  sam_step_fraction: jax.Array
 
 
 def looksam(rho: core.ScalarOrSchedule = 0.05, k: int = 5, alpha: float = 0.7, *,
@@ -152,20 +167,21 @@ def looksam(rho: core.ScalarOrSchedule = 0.05, k: int = 5, alpha: float = 0.7, *
     Liu, Mai, Chen, Hsieh, You, `Towards Efficient and Scalable Sharpness-Aware
     Minimization <https://arxiv.org/abs/2203.02714>`_, CVPR 2022.
   """
-  if not isinstance(k, int) or isinstance(k, bool) or k < 1:
-    raise ValueError(f"`looksam(k=...)` must be an int >= 1, got {k!r}; the paper uses 5.")
+  core.check_int("k", k, "looksam", minimum=1, hint="the paper uses 5")
   inner = core.sharpness_aware(rho, perturbation=perturbation, eps=eps)
 
   def init(params):
     return LookSAMState(jnp.zeros([], jnp.int32), inner.init(params), tu.zeros_like(params),
-                        jnp.zeros([], jnp.float32), jnp.asarray(k, jnp.int32))
+                        jnp.zeros([], tu.reduction_dtype(params)), jnp.asarray(k, jnp.int32),
+                        _zero_f32(), _zero_f32())
 
-  def update(updates, state, params=None, *, grad_fn=None, **extra_args):
-    core.check_update_call("looksam.update", params, grad_fn)
+  def update(updates, state, params=None, *, grad_fn=None, value_and_grad_fn=None,
+             **extra_args):
+    core.check_update_call("looksam.update", params, grad_fn, value_and_grad_fn)
 
     def sam_step(_):
       g_s, inner_state = inner.update(updates, state.inner, params, grad_fn=grad_fn,
-                                      **extra_args)
+                                      value_and_grad_fn=value_and_grad_fn, **extra_args)
       coef = tu.vdot(g_s, updates) * tu.safe_inverse(tu.sq_norm(updates), eps * eps)
       g_v = tu.cast_like(tu.add_scaled(g_s, -coef, updates), state.g_v)
       return g_s, inner_state, g_v, tu.norm(g_v)
@@ -175,9 +191,12 @@ def looksam(rho: core.ScalarOrSchedule = 0.05, k: int = 5, alpha: float = 0.7, *
       out = tu.add_scaled(updates, alpha * ratio, state.g_v)
       return out, state.inner, state.g_v, state.g_v_norm
 
-    out, inner_state, g_v, g_v_norm = gating.gate(state.count % k == 0, sam_step, reuse_step, None)
+    took = state.count % state.period == 0
+    out, inner_state, g_v, g_v_norm = gating.gate(took, sam_step, reuse_step, None)
+    sam_step_now, fraction = _took_pass(state.count, state.sam_step_fraction, took)
     return (_pmean(out, axis_name),
-            LookSAMState(optax.safe_increment(state.count), inner_state, g_v, g_v_norm, state.period))
+            LookSAMState(optax.safe_increment(state.count), inner_state, g_v, g_v_norm,
+                         state.period, sam_step_now, fraction))
 
   return optax.GradientTransformationExtraArgs(init, update)
 
@@ -198,11 +217,15 @@ class RandomizedState(NamedTuple):
     key: raw PRNG key data; step t's draw uses ``fold_in(key, t)``.
     probability: float32 probability used for the current step's draw.
     inner: the wrapped transform's state (advanced only on steps it runs).
+    sam_step: float32 1.0 if the last step ran ``transform``, else 0.0.
+    sam_step_fraction: float32 running mean of ``sam_step``.
   """
   count: jax.Array
   key: jax.Array
   probability: jax.Array
   inner: optax.OptState
+  sam_step: jax.Array
+  sam_step_fraction: jax.Array
 
 
 def _bernoulli_at(key_data, count, p):
@@ -234,10 +257,11 @@ def randomized(transform: optax.GradientTransformation,
     Computational Efficiency in Deep Learning <https://arxiv.org/abs/2203.09962>`_,
     2022.
   """
+  core.check_transform("transform", transform, "randomized")
   if not callable(probability):
-    p = float(probability)
-    if not 0.0 <= p <= 1.0:
-      raise ValueError(f"`randomized(probability=...)` must lie in [0, 1], got {probability!r}.")
+    core.check_real("probability", probability, "randomized", low=0.0, high=1.0,
+                    hint="0.5 runs the second pass on half the steps")
+  core.check_int("seed", seed, "randomized")
   inner_update = optax.with_extra_args_support(transform).update
 
   def prob_at(count):
@@ -247,7 +271,8 @@ def randomized(transform: optax.GradientTransformation,
   def init(params):
     return RandomizedState(jnp.zeros([], jnp.int32),
                            jax.random.key_data(jax.random.key(seed)),
-                           prob_at(jnp.zeros([], jnp.int32)), transform.init(params))
+                           prob_at(jnp.zeros([], jnp.int32)), transform.init(params),
+                           _zero_f32(), _zero_f32())
 
   def update(updates, state, params=None, **extra_args):
     take = _bernoulli_at(state.key, state.count, state.probability)
@@ -260,7 +285,8 @@ def randomized(transform: optax.GradientTransformation,
 
     out, inner_state = gating.gate(take, run, skip, None)
     count = optax.safe_increment(state.count)
-    return out, RandomizedState(count, state.key, prob_at(count), inner_state)
+    sam_step, fraction = _took_pass(state.count, state.sam_step_fraction, take)
+    return out, RandomizedState(count, state.key, prob_at(count), inner_state, sam_step, fraction)
 
   return optax.GradientTransformationExtraArgs(init, update)
 
@@ -277,16 +303,21 @@ class AdaptivePolicyState(NamedTuple):
 
   Attributes:
     count: int32 steps taken.
-    mean: EMA of :math:`\\|g\\|^2` (float32).
-    var: EMA of its squared deviation (float32).
+    mean: EMA of :math:`\\|g\\|^2` (params' reduction dtype: float32, or
+      float64 for float64 params).
+    var: EMA of its squared deviation (same dtype).
     sharp_steps: int32 number of steps that ran ``transform``.
     inner: the wrapped transform's state.
+    sam_step: float32 1.0 if the last step ran ``transform``, else 0.0.
+    sam_step_fraction: float32 running mean of ``sam_step``.
   """
   count: jax.Array
   mean: jax.Array
   var: jax.Array
   sharp_steps: jax.Array
   inner: optax.OptState
+  sam_step: jax.Array
+  sam_step_fraction: jax.Array
 
 
 def adaptive_policy(transform: optax.GradientTransformation, *, total_steps: int,
@@ -320,17 +351,18 @@ def adaptive_policy(transform: optax.GradientTransformation, *, total_steps: int
     Jiang, Yang, Zhang, Kwok, `An Adaptive Policy to Employ Sharpness-Aware
     Minimization <https://arxiv.org/abs/2304.14647>`_, ICLR 2023.
   """
-  if not isinstance(total_steps, int) or total_steps < 1:
-    raise ValueError(f"`adaptive_policy(total_steps=...)` must be a positive int (the "
-                     f"training length), got {total_steps!r}.")
-  if not 0.0 <= float(decay) < 1.0:
-    raise ValueError(f"`adaptive_policy(decay=...)` must lie in [0, 1), got {decay!r}.")
+  core.check_transform("transform", transform, "adaptive_policy")
+  core.check_int("total_steps", total_steps, "adaptive_policy", minimum=1,
+                 hint="pass the training length in steps")
+  core.check_real("decay", decay, "adaptive_policy", low=0.0, high=1.0, high_open=True)
+  core.check_real("lambda_start", lambda_start, "adaptive_policy")
+  core.check_real("lambda_end", lambda_end, "adaptive_policy")
   inner_update = optax.with_extra_args_support(transform).update
 
   def init(params):
-    z = jnp.zeros([], jnp.float32)
+    z = jnp.zeros([], tu.reduction_dtype(params))
     return AdaptivePolicyState(jnp.zeros([], jnp.int32), z, z, jnp.zeros([], jnp.int32),
-                               transform.init(params))
+                               transform.init(params), _zero_f32(), _zero_f32())
 
   def update(updates, state, params=None, **extra_args):
     s = tu.sq_norm(updates)
@@ -339,7 +371,7 @@ def adaptive_policy(transform: optax.GradientTransformation, *, total_steps: int
     first = state.count == 0
     mean = jnp.where(first, s, decay * state.mean + (1 - decay) * s)
     var = jnp.where(first, 0.0, decay * state.var + (1 - decay) * jnp.square(s - mean))
-    frac = jnp.minimum(state.count.astype(jnp.float32) / total_steps, 1.0)
+    frac = jnp.minimum(state.count.astype(s.dtype) / total_steps, 1.0)
     c = lambda_start + (lambda_end - lambda_start) * frac
     sharp = s >= mean + c * jnp.sqrt(var)
 
@@ -350,8 +382,11 @@ def adaptive_policy(transform: optax.GradientTransformation, *, total_steps: int
       return _pmean(updates, axis_name), state.inner
 
     out, inner_state = gating.gate(sharp, run, skip, None, host_decidable=False)
-    return out, AdaptivePolicyState(optax.safe_increment(state.count), mean, var,
-                                    state.sharp_steps + sharp.astype(jnp.int32), inner_state)
+    sam_step, fraction = _took_pass(state.count, state.sam_step_fraction, sharp)
+    return out, AdaptivePolicyState(optax.safe_increment(state.count), mean.astype(state.mean.dtype),
+                                    var.astype(state.var.dtype),
+                                    state.sharp_steps + sharp.astype(jnp.int32), inner_state,
+                                    sam_step, fraction)
 
   return optax.GradientTransformationExtraArgs(init, update)
 
@@ -364,12 +399,17 @@ class MomentumSAMState(NamedTuple):
 
   The parameters the caller holds are the perturbed ones, :math:`\\tilde w =
   w - \\rho\\, v/\\|v\\|` with ``v`` the momentum found in ``base``; use
-  :func:`msam_clean_params` for the clean ones.
+  :func:`msam_clean_params` for the clean ones. ``momentum_norm`` is in the
+  params' reduction dtype; ``perturbation_norm`` (the length of the perturbation
+  the last gradient was taken at) and ``perturbed_grad_norm`` (that gradient's
+  norm) are float32 telemetry.
   """
   count: jax.Array
   base: optax.OptState
   rho: jax.Array
   momentum_norm: jax.Array
+  perturbation_norm: jax.Array
+  perturbed_grad_norm: jax.Array
 
 
 def _momentum_path(state: Any, params: Any) -> tuple | None:
@@ -449,7 +489,7 @@ def msam(base_optimizer: optax.GradientTransformation, rho: float = 0.3, *,
     path_cache["path"] = path
     v_norm = tu.norm(_get_path(base_state, path))
     return MomentumSAMState(jnp.zeros([], jnp.int32), base_state,
-                            jnp.asarray(rho, jnp.float32), v_norm)
+                            jnp.asarray(rho, jnp.float32), v_norm, _zero_f32(), _zero_f32())
 
   def update(updates, state, params=None, **extra_args):
     extra_args.pop("grad_fn", None)
@@ -465,7 +505,10 @@ def msam(base_optimizer: optax.GradientTransformation, rho: float = 0.3, *,
     v_norm = tu.norm(_get_path(base_state, path_cache["path"]))
     eps_next = eps_of(base_state, params, v_norm)
     out = jax.tree.map(lambda a, e0, e1: (a - e0 + e1).astype(a.dtype), u, eps_now, eps_next)
-    return out, MomentumSAMState(optax.safe_increment(state.count), base_state, state.rho, v_norm)
+    pert_norm = jnp.where(state.momentum_norm > eps, jnp.abs(jnp.asarray(rho, jnp.float32)), 0.0)
+    return out, MomentumSAMState(optax.safe_increment(state.count), base_state, state.rho, v_norm,
+                                 pert_norm.astype(jnp.float32),
+                                 tu.norm(updates).astype(jnp.float32))
 
   return optax.GradientTransformationExtraArgs(init, update)
 
