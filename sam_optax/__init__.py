@@ -11,6 +11,7 @@ from sam_optax._src.aliases import asam, sam
 from sam_optax._src.core import SharpnessAwareState, Telemetry, sharpness_aware
 from sam_optax._src.distributed import local_params
 from sam_optax._src.gating import gated_jit
+from sam_optax._src.parallel import SAMPaState, sampa
 from sam_optax._src.perturbations import (
     AdaptiveState,
     FriendlyState,
@@ -64,6 +65,7 @@ __all__ = (
     "Perturbation",
     "RandomWeightState",
     "RandomizedState",
+    "SAMPaState",
     "SharpnessAwareState",
     "SparseState",
     "StochasticState",
@@ -91,6 +93,7 @@ __all__ = (
     "randomized",
     "rho_schedule_from_lr",
     "sam",
+    "sampa",
     "sharpness_aware",
     "sparse",
     "stochastic",
