@@ -10,6 +10,7 @@ Perturbation geometries are small transformations (:func:`l2`,
 from sam_optax._src.aliases import asam, sam
 from sam_optax._src.core import SharpnessAwareState, Telemetry, sharpness_aware
 from sam_optax._src.distributed import local_params
+from sam_optax._src.esam import ESAMState, esam
 from sam_optax._src.gating import gated_jit
 from sam_optax._src.parallel import SAMPaState, sampa
 from sam_optax._src.perturbations import (
@@ -57,6 +58,7 @@ __version__ = "0.1.0"
 __all__ = (
     "AdaptivePolicyState",
     "AdaptiveState",
+    "ESAMState",
     "FriendlyState",
     "GSAMState",
     "LookSAMState",
@@ -74,6 +76,7 @@ __all__ = (
     "adaptive",
     "adaptive_policy",
     "asam",
+    "esam",
     "fisher",
     "friendly",
     "gated_jit",
