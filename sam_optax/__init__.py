@@ -52,6 +52,7 @@ from sam_optax._src.variants import (
     randomized,
     rho_schedule_from_lr,
 )
+from sam_optax.trajectory import WeightEMAState, weight_ema
 
 __version__ = "0.1.0"
 
@@ -73,6 +74,7 @@ __all__ = (
     "StochasticState",
     "Telemetry",
     "VarianceSuppressedState",
+    "WeightEMAState",
     "adaptive",
     "adaptive_policy",
     "asam",
@@ -102,4 +104,5 @@ __all__ = (
     "stochastic",
     "unnormalized",
     "variance_suppressed",
+    "weight_ema",
 )
