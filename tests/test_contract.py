@@ -6,6 +6,10 @@ ignored; the jitted step compiles once; state dtypes and shapes are stable;
 it works under inject_hyperparams (rho), optax.MultiSteps and
 optax.apply_if_finite; bf16 params keep their dtype; a zero gradient gives no
 NaN.
+
+ESAM scores examples, so it needs per-example losses: every row's update also receives
+``per_example_loss_fn=`` (params -> per-example losses of the batch); the other rows ignore
+it, as they ignore any unused extra argument.
 """
 
 import jax
@@ -15,7 +19,7 @@ import optax
 import pytest
 
 import sam_optax as so
-from helpers import make_data, mlp_init, mlp_loss
+from helpers import make_data, mlp_example_losses, mlp_init, mlp_loss
 
 SGD = lambda: optax.sgd(0.05, momentum=0.9)
 
@@ -53,6 +57,11 @@ OPTIMIZERS["asam"] = lambda: so.asam(SGD())
 OPTIMIZERS["asam_kernels_only"] = lambda: so.asam(SGD(), kernels_only=True)
 OPTIMIZERS["msam"] = lambda: so.msam(SGD())
 OPTIMIZERS["msam_adamw"] = lambda: so.msam(optax.adamw(1e-3), rho=1.0)
+OPTIMIZERS["sampa"] = lambda: so.sampa(SGD())
+OPTIMIZERS["sampa_unvectorized"] = lambda: so.sampa(SGD(), vectorize=False)
+OPTIMIZERS["esam"] = lambda: optax.chain(so.esam(), SGD())
+OPTIMIZERS["esam_l2"] = lambda: optax.chain(so.esam(0.05, 0.25, perturbation=so.l2()), SGD())
+OPTIMIZERS["weight_ema"] = lambda: optax.chain(SGD(), so.weight_ema(0.9))
 
 
 def test_table_covers_every_exported_transformation():
@@ -70,7 +79,8 @@ def run_steps(opt, params, n=3, dtype=None, extra=None, zero=False):
   def step(p, s, batch):
     traces.append(1)
     grad_fn = lambda q: jax.tree.map(lambda g: g * 0 if zero else g, jax.grad(mlp_loss)(q, batch))
-    u, s = opt.update(grad_fn(p), s, p, grad_fn=grad_fn, **(extra or {}))
+    u, s = opt.update(grad_fn(p), s, p, grad_fn=grad_fn,
+                      per_example_loss_fn=lambda q: mlp_example_losses(q, batch), **(extra or {}))
     return optax.apply_updates(p, u), s, u
 
   state = opt.init(params)
@@ -126,8 +136,9 @@ def test_contract(name):
   guarded = optax.apply_if_finite(opt, max_consecutive_errors=3)
   state = guarded.init(params)
   nan_grads = jax.tree.map(lambda x: jnp.full_like(x, jnp.nan), params)
-  u, new_state = jax.jit(lambda s: guarded.update(nan_grads, s, params,
-                                                  grad_fn=lambda q: nan_grads))(state)
+  u, new_state = jax.jit(lambda s: guarded.update(
+      nan_grads, s, params, grad_fn=lambda q: nan_grads,
+      per_example_loss_fn=lambda q: jnp.full((4,), jnp.nan)))(state)
   assert all(np.all(np.asarray(x) == 0) for x in jax.tree.leaves(u))
   assert int(new_state.notfinite_count) == 1
   for a, b in zip(jax.tree.leaves(state.inner_state), jax.tree.leaves(new_state.inner_state), strict=False):

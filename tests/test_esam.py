@@ -10,16 +10,11 @@ import optax
 import pytest
 
 import sam_optax as so
-from helpers import flat, make_data, mlp_apply, mlp_init, mlp_loss, unflat
+from helpers import flat, make_data, mlp_init, mlp_loss, unflat
+from helpers import mlp_example_losses as example_losses
 from sam_optax._src.esam import num_selected
 
 RHO = 0.5
-
-
-def example_losses(params, batch):
-  x, y = batch
-  logp = jax.nn.log_softmax(mlp_apply(params, x))
-  return -jnp.take_along_axis(logp, y[:, None], axis=1)[:, 0]
 
 
 def numpy_example_losses(vec, like, batch):
