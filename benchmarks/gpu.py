@@ -6,7 +6,10 @@
 Prints, per optimizer: median step time (blocks of 10 steps, interleaved), images/s,
 ratio to the base step and to optax.contrib.sam, compile time and compiled temp
 memory. On GPU the skipped passes are skipped by lax.cond inside the step
-(gated_jit is plain jax.jit there).
+(gated_jit is plain jax.jit there). The SAMPa, SAF, MESA and ESAM rows come too:
+``sampa`` evaluates its two gradients in one vmapped call on the GPU, and with two or
+more GPUs ``sampa_mesh2`` puts one gradient on each of two of them (compare it with
+``sam`` on one).
 """
 
 from __future__ import annotations
@@ -20,10 +23,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from step_cost import measure_all  # noqa: E402
+from step_cost import loss_of, measure_all  # noqa: E402
 
 
 class BasicBlock(nn.Module):
@@ -70,11 +72,12 @@ def main():
   y = jnp.asarray(rng.integers(0, 10, batch), jnp.int32)
   params = model.init(jax.random.key(0), x[:2])["params"]
   n_params = sum(p.size for p in jax.tree.leaves(params))
-  loss = lambda p, b: optax.softmax_cross_entropy_with_integer_labels(model.apply({"params": p}, b[0]),
-                                                                      b[1]).mean()
+  logits_fn = lambda p, x_: model.apply({"params": p}, x_)
+  loss = loss_of(logits_fn)
   print(f"# {jax.devices()[0].device_kind}, jax {jax.__version__}, ResNet-18 layout width {width}, "
         f"{n_params / 1e6:.1f}M params, batch {batch}, {time.strftime('%Y-%m-%d')}")
-  res = measure_all(params, (x, y), loss, reps=1 if args.tiny else args.reps, block=2 if args.tiny else 10)
+  res = measure_all(params, (x, y), loss, reps=1 if args.tiny else args.reps, block=2 if args.tiny else 10,
+                    logits_fn=logits_fn)
   print("| optimizer | ms/step | images/s | × base | × optax.contrib.sam | compile s | temp MiB |")
   print("|---|---|---|---|---|---|---|")
   for n, r in res.items():

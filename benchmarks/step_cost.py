@@ -6,14 +6,26 @@ is the median over repetitions of the per-step block average, reported as a rati
 optax.contrib.sam (opaque mode, the peer). Steps that skip the second pass use
 ``sam_optax.gated_jit`` (on CPU it picks a compiled program per branch).
 
-  python benchmarks/step_cost.py [--reps 8] [--models mlp,cnn,transformer] [--widths 128,512,2048]
+SAMPa's step takes no clean gradient (its two gradients run side by side: ``sampa``
+vmapped, ``sampa_2calls`` as two independent calls); SAF and MESA add their trajectory
+loss to one gradient pass (MESA: plus one forward of the EMA weights); ESAM scores the
+batch with a forward at w + eps and runs the second pass on half of it.
+
+``--mesh`` re-runs the CNN and MLP in a process with 2 simulated CPU devices and adds
+``sampa_mesh2``: SAMPa with one gradient per device (``sampa(..., mesh=...)``), against
+SAM on one device. The simulated devices share this machine's cores.
+
+  python benchmarks/step_cost.py [--reps 8] [--models mlp,cnn,transformer] [--widths 128,512,2048] [--mesh]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
+import subprocess
+import sys
 import time
 
 import flax.linen as nn
@@ -24,6 +36,7 @@ import optax
 import optax.contrib
 
 import sam_optax as so
+from sam_optax import trajectory
 
 
 class MLP(nn.Module):
@@ -62,6 +75,15 @@ class Block(nn.Module):
 
 
 def model_and_data(name, batch, width=512):
+  params, data, logits_fn = model_logits_and_data(name, batch, width)
+  return params, data, loss_of(logits_fn)
+
+
+def loss_of(logits_fn):
+  return lambda p, b: optax.softmax_cross_entropy_with_integer_labels(logits_fn(p, b[0]), b[1]).mean()
+
+
+def model_logits_and_data(name, batch, width=512):
   rng = np.random.default_rng(0)
   if name == "cnn":
     model, x = CNN(), rng.normal(size=(batch, 28, 28, 1))
@@ -72,14 +94,12 @@ def model_and_data(name, batch, width=512):
   x = jnp.asarray(x, jnp.float32)
   y = jnp.asarray(rng.integers(0, 10, batch), jnp.int32)
   params = model.init(jax.random.key(0), x[:2])["params"]
-  loss = lambda p, b: optax.softmax_cross_entropy_with_integer_labels(model.apply({"params": p}, b[0]),
-                                                                      b[1]).mean()
-  return params, (x, y), loss
+  return params, (x, y), lambda p, x_: model.apply({"params": p}, x_)
 
 
-def make_optimizers(lr=0.05, rho=0.05):
+def make_optimizers(lr=0.05, rho=0.05, *, efficient=False):
   base = lambda: optax.sgd(lr, momentum=0.9)
-  return {
+  opts = {
       "base": base(),
       "sam": so.sam(base(), rho),
       "asam": so.asam(base(), 10 * rho),
@@ -91,6 +111,71 @@ def make_optimizers(lr=0.05, rho=0.05):
                                                                  optax.sgd(rho)),
                                              sync_period=2, opaque_mode=True),
   }
+  if efficient:  # the steps below need the model's logits, not only its loss
+    opts["sampa"] = so.sampa(base(), 0.1)
+    opts["sampa_2calls"] = so.sampa(base(), 0.1, vectorize=False)
+    if jax.device_count() >= 2:
+      mesh = jax.make_mesh((2,), ("pair",), devices=jax.devices()[:2],
+                           axis_types=(jax.sharding.AxisType.Auto,))
+      opts["sampa_mesh2"] = so.sampa(base(), 0.1, mesh=mesh)
+    opts["saf"] = base()
+    opts["mesa"] = optax.chain(base(), so.weight_ema(0.99))
+    opts["esam"] = optax.chain(so.esam(rho, 0.5), base())
+  return opts
+
+
+def init_state(name, opt, params, data):
+  if name == "saf":  # the logit store of the batch's examples (lookback 2), next to the optimizer state
+    return opt.init(params), trajectory.saf_init(data[1].shape[0], 10, lookback=2)
+  return opt.init(params)
+
+
+def build_efficient_step(name, opt, logits_fn):
+  """SAMPa, SAF, MESA and ESAM steps (as in sam_optax.flax_training, without Flax state)."""
+  def losses(p, b):
+    return optax.softmax_cross_entropy_with_integer_labels(logits_fn(p, b[0]), b[1])
+
+  if name.startswith("sampa"):
+    def step(p, s, b):
+      grad_fn = lambda q: jax.grad(lambda r: jnp.mean(losses(r, b)))(q)
+      u, s = opt.update(p, s, p, grad_fn=grad_fn)  # no clean gradient
+      return optax.apply_updates(p, u), s
+  elif name == "esam":
+    def step(p, s, b):
+      def clean(q):
+        ex = losses(q, b)
+        return jnp.mean(ex), ex
+      (_, ex), g = jax.value_and_grad(clean, has_aux=True)(p)
+      u, s = opt.update(g, s, p, per_example_loss_fn=losses, batch=b, example_losses=ex)
+      return optax.apply_updates(p, u), s
+  elif name == "saf":
+    def step(p, s, b):
+      s, store = s
+      idx = jnp.arange(b[1].shape[0])
+
+      def total(q):
+        logits = logits_fn(q, b[0])
+        reg, new_store = trajectory.saf_loss(store, logits, idx, 3, start_epoch=0)
+        ce = optax.softmax_cross_entropy_with_integer_labels(logits, b[1]).mean()
+        return ce + reg, new_store
+
+      (_, store), g = jax.value_and_grad(total, has_aux=True)(p)
+      u, s = opt.update(g, s, p)
+      return optax.apply_updates(p, u), (s, store)
+  elif name == "mesa":
+    def step(p, s, b):
+      teacher = jax.lax.stop_gradient(logits_fn(trajectory.ema_params(s, like=p), b[0]))
+
+      def total(q):
+        logits = logits_fn(q, b[0])
+        ce = optax.softmax_cross_entropy_with_integer_labels(logits, b[1]).mean()
+        return ce + trajectory.mesa_loss(logits, teacher, 9, start_epoch=0)
+
+      u, s = opt.update(jax.grad(total)(p), s, p)
+      return optax.apply_updates(p, u), s
+  else:
+    raise ValueError(name)
+  return jax.jit(step, donate_argnums=(0, 1))
 
 
 def build_step(name, opt, loss):
@@ -117,20 +202,25 @@ def build_step(name, opt, loss):
 BLOCK = 10
 
 
-def measure(model_name, reps, batch, width=512):
-  params, data, loss = model_and_data(model_name, batch, width)
-  return measure_all(params, data, loss, reps)
+def measure(model_name, reps, batch, width=512, only=None):
+  params, data, logits_fn = model_logits_and_data(model_name, batch, width)
+  return measure_all(params, data, loss_of(logits_fn), reps, logits_fn=logits_fn, only=only)
 
 
-def measure_all(params, data, loss, reps, block=BLOCK):
-  """Compile, warm and time every optimizer's step on (params, data, loss); see the module doc."""
-  opts = make_optimizers()
+def measure_all(params, data, loss, reps, block=BLOCK, logits_fn=None, only=None):
+  """Compile, warm and time every optimizer's step on (params, data, loss); see the module doc.
+  With ``logits_fn`` (params, x) -> logits, also SAMPa, SAF, MESA and ESAM; ``only``: a
+  subset of the names (base and optax_contrib_sam are always kept: the ratios need them)."""
+  opts = make_optimizers(efficient=logits_fn is not None)
+  if only:
+    opts = {n: o for n, o in opts.items() if n in set(only) | {"base", "optax_contrib_sam"}}
   steps, states = {}, {}
   compile_s, memory = {}, {}
   for name, opt in opts.items():
-    steps[name] = build_step(name, opt, loss)
+    efficient = name.startswith("sampa") or name in ("saf", "mesa", "esam")
+    steps[name] = build_efficient_step(name, opt, logits_fn) if efficient else build_step(name, opt, loss)
     p = jax.tree.map(jnp.copy, params)
-    s = opt.init(p)
+    s = init_state(name, opt, p, data)
     # compile time and compiled memory of the (SAM-branch) program
     t0 = time.perf_counter()
     lowered_fn = steps[name].programs[True] if hasattr(steps[name], "programs") else steps[name]
@@ -169,7 +259,17 @@ def main():
   ap.add_argument("--batch", type=int, default=128)
   ap.add_argument("--widths", default="", help="MLP width sweep, e.g. 128,512,2048")
   ap.add_argument("--json", default="")
+  ap.add_argument("--only", default="", help="comma-separated subset of the optimizers")
+  ap.add_argument("--mesh", action="store_true",
+                  help="also time SAMPa on 2 simulated CPU devices (re-runs cnn,mlp in a subprocess)")
   args = ap.parse_args()
+  if args.mesh and jax.device_count() < 2:
+    env = dict(os.environ, XLA_FLAGS=(os.environ.get("XLA_FLAGS", "") +
+                                      " --xla_force_host_platform_device_count=2").strip())
+    cmd = [sys.executable, __file__, "--reps", str(args.reps), "--models", "cnn,mlp",
+           "--batch", str(args.batch), "--only", args.only or "sam,sampa,sampa_2calls,sampa_mesh2"]
+    cmd += ["--json", args.json] if args.json else []
+    raise SystemExit(subprocess.call(cmd, env=env))
   print(f"# {platform.node()} {platform.processor() or platform.machine()}, "
         f"{jax.device_count()} x {jax.devices()[0].device_kind}, jax {jax.__version__}, "
         f"optax {optax.__version__}, {time.strftime('%Y-%m-%d')}")
@@ -181,7 +281,7 @@ def main():
   runs += [("mlp", int(w)) for w in args.widths.split(",") if w]
   for model_name, width in runs:
     key = model_name if model_name != "mlp" or not args.widths else f"mlp_w{width}"
-    res = measure(model_name, args.reps, args.batch, width)
+    res = measure(model_name, args.reps, args.batch, width, only=[n for n in args.only.split(",") if n])
     out[key] = res
     print(f"\n## {key}")
     print("| optimizer | median ms | × base | × optax.contrib.sam | compile s | temp MiB | arg MiB |")
