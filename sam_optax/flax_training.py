@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import optax
 
 from sam_optax._src import tree as tu
+from sam_optax._src.telemetry import metrics as sam_metrics
 
 try:  # flax is an optional dependency
   from flax import struct
@@ -50,7 +51,24 @@ def make_linen_train_step(loss_fn: Callable[[jax.Array, jax.Array], jax.Array] =
   **{train_kwarg: True}, rngs={'dropout': key}, mutable=['batch_stats'])``.
 
   Returns metrics ``loss`` (clean), ``accuracy``, ``grad_norm`` (clean) and
-  ``update_norm``.
+  ``update_norm``, plus what the optimizer recorded (:func:`sam_optax.metrics`):
+  ``perturbed_loss``, ``sharpness`` (perturbed minus clean loss), ``cosine``,
+  ``perturbation_norm``, ... The perturbed loss comes from the second pass
+  itself (the closure is passed as ``value_and_grad_fn`` with ``value=loss``).
+
+  Example:
+    >>> import jax, jax.numpy as jnp, optax, flax.linen as nn, sam_optax
+    >>> from sam_optax import flax_training as ft
+    >>> model = nn.Dense(3)
+    >>> x, y = jnp.ones((8, 4)), jnp.arange(8) % 3
+    >>> params = model.init(jax.random.key(0), x)["params"]
+    >>> state = ft.TrainState.create(apply_fn=lambda v, x, train, rngs, mutable:
+    ...                              (model.apply(v, x), {}), params=params,
+    ...                              tx=sam_optax.sam(optax.sgd(0.1), 0.05))
+    >>> step = ft.make_linen_train_step()
+    >>> state, m = step(state, (x, y), jax.random.key(1))
+    >>> bool(m["perturbed_loss"] > m["loss"])
+    True
   """
 
   def step(state: TrainState, batch: tuple, dropout_key: jax.Array):
@@ -68,14 +86,17 @@ def make_linen_train_step(loss_fn: Callable[[jax.Array, jax.Array], jax.Array] =
 
     (loss, (logits, mutated)), grads = jax.value_and_grad(forward, has_aux=True)(state.params)
     # Same batch, same dropout key, clean statistics as input; what it writes is dropped.
-    grad_fn = lambda p: jax.grad(lambda q: forward(q)[0])(p)
-    updates, opt_state = state.tx.update(grads, state.opt_state, state.params, grad_fn=grad_fn)
+    value_and_grad_fn = lambda p: jax.value_and_grad(lambda q: forward(q)[0])(p)
+    updates, opt_state = state.tx.update(grads, state.opt_state, state.params,
+                                         value_and_grad_fn=value_and_grad_fn, value=loss)
     new_state = state.replace(step=state.step + 1,
                               params=optax.apply_updates(state.params, updates),
                               opt_state=opt_state,
                               batch_stats=mutated["batch_stats"] if has_stats else None)
     metrics = {"loss": loss, "accuracy": jnp.mean(jnp.argmax(logits, -1) == y),
                "grad_norm": tu.norm(grads), "update_norm": tu.norm(updates)}
+    for name, value in sam_metrics(opt_state).items():
+      metrics.setdefault(name, value)
     return new_state, metrics
 
   return jax.jit(step) if jit else step
@@ -105,15 +126,24 @@ def nnx_grad_fn(graphdef: Any, rest: Any, loss_fn: Callable[..., jax.Array], *ar
   copy: whatever the perturbed pass writes into its statistics is discarded,
   so the caller's model keeps the clean pass's statistics.
   """
+  value_and_grad_fn = nnx_value_and_grad_fn(graphdef, rest, loss_fn, *args, **kwargs)
+  return lambda params: value_and_grad_fn(params)[1]
+
+
+def nnx_value_and_grad_fn(graphdef: Any, rest: Any, loss_fn: Callable[..., jax.Array], *args,
+                          **kwargs) -> Callable[[Any], tuple[jax.Array, Any]]:
+  """Like :func:`nnx_grad_fn`, returning ``(loss, grads)``: pass it as
+  ``optimizer.update(model, grads, value_and_grad_fn=..., value=loss)`` so the
+  optimizer records the perturbed loss and the sharpness estimate."""
   from flax import nnx
 
-  def grad_fn(params):
+  def value_and_grad_fn(params):
     def loss_of(p):
       model = nnx.merge(graphdef, p, rest, copy=True)
       return loss_fn(model, *args, **kwargs)
-    return jax.grad(loss_of)(params)
+    return jax.value_and_grad(loss_of)(params)
 
-  return grad_fn
+  return value_and_grad_fn
 
 
 def nnx_sam_update(model: Any, optimizer: Any, loss_fn: Callable[..., jax.Array], *args,
@@ -121,9 +151,10 @@ def nnx_sam_update(model: Any, optimizer: Any, loss_fn: Callable[..., jax.Array]
   """One SAM step for an NNX model; call inside ``nnx.jit``. Returns the clean loss.
 
   Computes the clean loss and gradient (updating BatchNorm statistics, advancing
-  dropout RNG streams once), builds ``grad_fn`` from the state *before* the
+  dropout RNG streams once), builds the closure from the state *before* the
   clean pass's RNG advance so the perturbed pass reuses the same dropout
-  masks, and calls ``optimizer.update(model, grads, grad_fn=grad_fn)``.
+  masks, and calls ``optimizer.update(model, grads, value_and_grad_fn=...,
+  value=loss)``. :func:`nnx_sam_step` does the same and returns the metrics.
   """
   from flax import nnx
 
@@ -132,6 +163,29 @@ def nnx_sam_update(model: Any, optimizer: Any, loss_fn: Callable[..., jax.Array]
   # nnx.split may hand out the live Variables: copy so the clean pass can't advance them.
   rest_before = jax.tree.map(lambda a: a, rest)
   loss, grads = nnx.value_and_grad(loss_fn)(model, *args, **kwargs)
-  grad_fn = nnx_grad_fn(graphdef, rest_before, loss_fn, *args, **kwargs)
-  optimizer.update(model, grads, grad_fn=grad_fn)
+  value_and_grad_fn = nnx_value_and_grad_fn(graphdef, rest_before, loss_fn, *args, **kwargs)
+  optimizer.update(model, grads, value_and_grad_fn=value_and_grad_fn, value=loss)
   return loss
+
+
+def nnx_sam_step(model: Any, optimizer: Any, loss_fn: Callable[..., jax.Array], *args,
+                 **kwargs) -> dict[str, jax.Array]:
+  """:func:`nnx_sam_update`, returning ``{'loss': clean loss, **sam_optax.metrics(...)}``
+  (perturbed loss, sharpness, cosine, norms; see :func:`sam_optax.metrics`).
+
+  Call inside ``nnx.jit``.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, optax, sam_optax
+    >>> from flax import nnx
+    >>> from sam_optax import flax_training as ft
+    >>> model = nnx.Linear(4, 1, rngs=nnx.Rngs(0))
+    >>> opt = nnx.Optimizer(model, sam_optax.sam(optax.sgd(0.1), 0.05), wrt=nnx.Param)
+    >>> x, y = jnp.ones((8, 4)), jnp.zeros((8, 1))
+    >>> loss_fn = lambda m, x, y: jnp.mean((m(x) - y) ** 2)
+    >>> m = nnx.jit(ft.nnx_sam_step, static_argnums=2)(model, opt, loss_fn, x, y)
+    >>> sorted(k for k in m if "loss" in k)
+    ['clean_loss', 'loss', 'perturbed_loss']
+  """
+  loss = nnx_sam_update(model, optimizer, loss_fn, *args, **kwargs)
+  return {"loss": loss, **sam_metrics(optimizer.opt_state)}

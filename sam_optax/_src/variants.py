@@ -11,6 +11,7 @@ import optax
 
 from sam_optax._src import core, gating
 from sam_optax._src import tree as tu
+from sam_optax._src.validation import check_int, check_real, check_transform
 
 PyTree = Any
 
@@ -167,7 +168,7 @@ def looksam(rho: core.ScalarOrSchedule = 0.05, k: int = 5, alpha: float = 0.7, *
     Liu, Mai, Chen, Hsieh, You, `Towards Efficient and Scalable Sharpness-Aware
     Minimization <https://arxiv.org/abs/2203.02714>`_, CVPR 2022.
   """
-  core.check_int("k", k, "looksam", minimum=1, hint="the paper uses 5")
+  check_int("k", k, "looksam", minimum=1, hint="the paper uses 5")
   inner = core.sharpness_aware(rho, perturbation=perturbation, eps=eps)
 
   def init(params):
@@ -257,11 +258,11 @@ def randomized(transform: optax.GradientTransformation,
     Computational Efficiency in Deep Learning <https://arxiv.org/abs/2203.09962>`_,
     2022.
   """
-  core.check_transform("transform", transform, "randomized")
+  check_transform("transform", transform, "randomized")
   if not callable(probability):
-    core.check_real("probability", probability, "randomized", low=0.0, high=1.0,
+    check_real("probability", probability, "randomized", low=0.0, high=1.0,
                     hint="0.5 runs the second pass on half the steps")
-  core.check_int("seed", seed, "randomized")
+  check_int("seed", seed, "randomized")
   inner_update = optax.with_extra_args_support(transform).update
 
   def prob_at(count):
@@ -351,12 +352,12 @@ def adaptive_policy(transform: optax.GradientTransformation, *, total_steps: int
     Jiang, Yang, Zhang, Kwok, `An Adaptive Policy to Employ Sharpness-Aware
     Minimization <https://arxiv.org/abs/2304.14647>`_, ICLR 2023.
   """
-  core.check_transform("transform", transform, "adaptive_policy")
-  core.check_int("total_steps", total_steps, "adaptive_policy", minimum=1,
+  check_transform("transform", transform, "adaptive_policy")
+  check_int("total_steps", total_steps, "adaptive_policy", minimum=1,
                  hint="pass the training length in steps")
-  core.check_real("decay", decay, "adaptive_policy", low=0.0, high=1.0, high_open=True)
-  core.check_real("lambda_start", lambda_start, "adaptive_policy")
-  core.check_real("lambda_end", lambda_end, "adaptive_policy")
+  check_real("decay", decay, "adaptive_policy", low=0.0, high=1.0, high_open=True)
+  check_real("lambda_start", lambda_start, "adaptive_policy")
+  check_real("lambda_end", lambda_end, "adaptive_policy")
   inner_update = optax.with_extra_args_support(transform).update
 
   def init(params):
