@@ -10,6 +10,7 @@ Perturbation geometries are small transformations (:func:`l2`,
 from sam_optax._src.aliases import asam, sam
 from sam_optax._src.core import SharpnessAwareState, Telemetry, sharpness_aware
 from sam_optax._src.distributed import local_params
+from sam_optax._src.finite import apply_if_finite
 from sam_optax._src.gating import gated_jit
 from sam_optax._src.perturbations import (
     AdaptiveState,
@@ -71,6 +72,7 @@ __all__ = (
     "VarianceSuppressedState",
     "adaptive",
     "adaptive_policy",
+    "apply_if_finite",
     "asam",
     "fisher",
     "friendly",

@@ -9,7 +9,7 @@ from sam_optax._src import perturbations as pert
 
 
 def sam(base_optimizer: optax.GradientTransformation, rho: core.ScalarOrSchedule = 0.05, *,
-        ascent_steps: int = 1, axis_name: str | tuple[str, ...] | None = None
+        ascent_steps: int | None = None, axis_name: str | tuple[str, ...] | None = None
         ) -> optax.GradientTransformationExtraArgs:
   r"""SAM: ``optax.chain(sharpness_aware(rho), base_optimizer)``.
 

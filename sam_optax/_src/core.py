@@ -205,7 +205,7 @@ def _describe_mismatch(got: PyTree, like: PyTree, what: str, fn: str) -> None:
 
 def perturbed_gradient(
     oracle: GradientOracle, params: PyTree, direction: PyTree, radius: jax.Array, *,
-    ascent_steps: int = 1, perturbation: optax.GradientTransformation | None = None,
+    ascent_steps: int | None = None, perturbation: optax.GradientTransformation | None = None,
     perturbation_state: Any = None, extra_args: dict | None = None,
     ) -> tuple[Any, PyTree, PyTree]:
   """``(loss, gradient, delta)`` at ``params + delta`` after ``ascent_steps`` steps.
@@ -274,7 +274,7 @@ def sharpness_aware(
     rho: ScalarOrSchedule = 0.05, *,
     perturbation: optax.GradientTransformation | None = None,
     eps: float = 1e-12,
-    ascent_steps: int = 1,
+    ascent_steps: int | None = None,
     axis_name: str | tuple[str, ...] | None = None,
     telemetry: bool = True,
 ) -> optax.GradientTransformationExtraArgs:
@@ -298,7 +298,7 @@ def sharpness_aware(
       other geometries.
     eps: norms at or below this count as zero, so a zero gradient gives
       :math:`\epsilon = 0` and a finite result (used by the default ``l2``).
-    ascent_steps: K >= 1 gradient evaluations per update: K - 1 extra ascent
+    ascent_steps: K >= 1 (None: 1) gradient evaluations per update: K - 1 extra ascent
       steps :math:`\delta \leftarrow \Pi_\rho(\delta + (\rho/K)\, d(w+\delta))`
       before the final gradient; K = 1 is SAM.
     axis_name: for per-device perturbation (m-sharpness) inside ``shard_map`` or
@@ -337,6 +337,9 @@ def sharpness_aware(
   """
   check_rho(rho)
   pert._check_nonneg("eps", eps, "sharpness_aware", "use a small positive value such as 1e-12.")
+  # None means 1: a default of None keeps `optax.inject_hyperparams(sharpness_aware)`
+  # from turning this structural int into a traced hyperparameter.
+  ascent_steps = 1 if ascent_steps is None else ascent_steps
   check_static_int("ascent_steps", ascent_steps, "sharpness_aware", hint="1 is SAM")
   ascent_steps = int(ascent_steps)
   check_axis_name(axis_name, "sharpness_aware")
