@@ -553,8 +553,8 @@ def sparse(sparsity: float = 0.5, refresh_every: int = 100, decay: float = 0.9,
 
   def init(params):
     return SparseState(jnp.zeros([], jnp.int32),
-                       jax.tree.map(lambda w: jnp.zeros(w.shape, jnp.float32), params),
-                       jax.tree.map(lambda w: jnp.ones(w.shape, jnp.bool_), params))
+                       jax.tree.map(lambda w: jnp.zeros_like(w, jnp.float32), params),
+                       jax.tree.map(lambda w: jnp.ones_like(w, jnp.bool_), params))
 
   def top_mask(score):
     # The k-th largest score by bisection on the float32 bit patterns (monotone for
