@@ -245,3 +245,108 @@ def test_params_sharded_over_a_mesh(name, axis_type):
         assert a.is_equivalent_to(b, 1) or a.is_equivalent_to(b, 2), (a, b)
   for a, b in zip(jax.tree.leaves(p), jax.tree.leaves(p_ref), strict=True):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+
+
+# ---------------------------------------------------------------- non-finite steps
+
+
+@pytest.mark.parametrize("name", sorted(OPTIMIZERS))
+def test_non_finite_step_is_skipped_and_leaves_the_state(name):
+  """The recipe: ``sam_optax.apply_if_finite`` around the whole optimizer. A NaN at the
+  perturbed point (or, for msam, which takes no closure, in the gradient) is skipped:
+  zero update, the inner state exactly as before, the skip counted."""
+  params = make_params("float32")
+  opt = so.apply_if_finite(OPTIMIZERS[name](), max_consecutive_errors=3)
+  poisoned = lambda p: jax.tree.map(lambda x: jnp.full_like(x, jnp.nan), p)
+
+  def step(p, s, nan):
+    g = jax.grad(loss)(p)
+    if nan and name.startswith("msam"):
+      g = poisoned(g)
+    u, s = opt.update(g, s, p, grad_fn=poisoned if nan else jax.grad(loss))
+    return optax.apply_updates(p, u), s
+
+  step = jax.jit(step, static_argnums=2)
+  p, s = step(params, opt.init(params), False)
+  p_bad, s_bad = step(p, s, True)
+  for a, b in zip(jax.tree.leaves((p_bad, s_bad.inner_state)), jax.tree.leaves((p, s.inner_state)),
+                  strict=True):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  assert int(so.metrics(s_bad)["skipped_steps"]) == 1
+  p_next, s_next = step(p_bad, s_bad, False)
+  assert int(s_next.notfinite_count) == 0
+  assert all(np.all(np.isfinite(np.asarray(x))) for x in jax.tree.leaves(p_next))
+
+
+# ------------------------------------------------------------------ constructor fuzz
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+NASTY = st.one_of(
+    st.floats(allow_nan=True, allow_infinity=True, width=64),
+    st.integers(min_value=-10**12, max_value=10**12),
+    st.sampled_from([None, "0.1", [0.1], (0.1,), {"a": 1}, True, 1 + 2j,
+                     np.float32(0.5), np.array([0.1, 0.2]), jnp.asarray(0.3), np.int64(3)]),
+)
+
+CONSTRUCTORS = {
+    "sharpness_aware": lambda v: so.sharpness_aware(v),
+    "sharpness_aware.eps": lambda v: so.sharpness_aware(0.05, eps=v),
+    "sharpness_aware.ascent_steps": lambda v: so.sharpness_aware(0.05, ascent_steps=v),
+    "sam": lambda v: so.sam(SGD(), v),
+    "asam.rho": lambda v: so.asam(SGD(), v),
+    "asam.eta": lambda v: so.asam(SGD(), 0.5, v),
+    "l2": lambda v: so.l2(v),
+    "adaptive": lambda v: so.adaptive(v),
+    "fisher": lambda v: so.fisher(v),
+    "friendly.sigma": lambda v: so.friendly(v),
+    "friendly.decay": lambda v: so.friendly(1.0, v),
+    "variance_suppressed": lambda v: so.variance_suppressed(v),
+    "stochastic.keep_prob": lambda v: so.stochastic(v),
+    "stochastic.seed": lambda v: so.stochastic(0.5, v),
+    "sparse.sparsity": lambda v: so.sparse(v),
+    "sparse.refresh_every": lambda v: so.sparse(0.5, v),
+    "sparse.decay": lambda v: so.sparse(0.5, 10, v),
+    "random_weight.sigma": lambda v: so.random_weight(v),
+    "random_weight.seed": lambda v: so.random_weight(0.01, v),
+    "gsam.rho": lambda v: so.gsam(v),
+    "gsam.alpha": lambda v: so.gsam(0.05, v),
+    "looksam.k": lambda v: so.looksam(0.05, v),
+    "looksam.alpha": lambda v: so.looksam(0.05, 5, v),
+    "randomized.probability": lambda v: so.randomized(so.sharpness_aware(), v),
+    "randomized.seed": lambda v: so.randomized(so.sharpness_aware(), 0.5, v),
+    "adaptive_policy.total_steps": lambda v: so.adaptive_policy(so.sharpness_aware(), total_steps=v),
+    "adaptive_policy.decay": lambda v: so.adaptive_policy(so.sharpness_aware(), total_steps=5, decay=v),
+    "adaptive_policy.lambda_start": lambda v: so.adaptive_policy(so.sharpness_aware(), total_steps=5,
+                                                                 lambda_start=v),
+    "msam": lambda v: so.msam(SGD(), v),
+    "apply_if_finite": lambda v: so.apply_if_finite(so.sam(SGD()), v),
+}
+
+
+@pytest.mark.parametrize("name", sorted(CONSTRUCTORS))
+@settings(max_examples=20, deadline=None, derandomize=True)
+@given(value=NASTY)
+def test_constructors_work_or_raise_a_clear_error(name, value):
+  """Every input either builds a transformation whose first step is finite, or raises a
+  ValueError/TypeError that names the argument; never an error from deep inside JAX."""
+  argument = name.split(".")[-1] if "." in name else None
+  try:
+    opt = CONSTRUCTORS[name](value)
+  except (ValueError, TypeError) as e:
+    arg = argument or {"sam": "rho", "l2": "eps", "adaptive": "eta", "fisher": "eta",
+                       "variance_suppressed": "theta", "msam": "rho",
+                       "apply_if_finite": "max_consecutive_errors"}.get(name, "rho")
+    assert f"{arg}=" in str(e), str(e)
+    return
+  if not hasattr(opt, "init"):
+    return
+  params = make_params("float32")
+  chain = opt if name in ("sam", "asam.rho", "asam.eta", "msam", "apply_if_finite") else \
+      optax.chain(opt, SGD()) if not name.startswith(("l2", "adaptive", "fisher", "friendly",
+                                                        "variance", "stochastic", "sparse",
+                                                        "random_weight")) else \
+      optax.chain(so.sharpness_aware(0.05, perturbation=opt), SGD())
+  u, _ = chain.update(jax.grad(loss)(params), chain.init(params), params, grad_fn=jax.grad(loss))
+  assert all(np.all(np.isfinite(np.asarray(x))) for x in jax.tree.leaves(u)), (name, value)
