@@ -82,6 +82,10 @@ def make_optimizers(lr=0.05, rho=0.05):
   return {
       "base": base(),
       "sam": so.sam(base(), rho),
+      # telemetry (issue 12): the default records norms and cosine; "_losses" also passes
+      # value_and_grad_fn= and value= so the state holds the clean and perturbed losses
+      "sam_no_telemetry": optax.chain(so.sharpness_aware(rho, telemetry=False), base()),
+      "sam_losses": so.sam(base(), rho),
       "asam": so.asam(base(), 10 * rho),
       "gsam": optax.chain(so.gsam(rho, 0.3), base()),
       "looksam_k5": optax.chain(so.looksam(rho, k=5), base()),
@@ -106,6 +110,14 @@ def build_step(name, opt, loss):
       u, s = opt.update(g, s, p, grad_fn=lambda q, _: jax.grad(loss)(q, b))
       return optax.apply_updates(p, u), s
     return jax.jit(step, donate_argnums=(0, 1))
+
+  if name.endswith("_losses"):
+    def step(p, s, b):
+      value_and_grad_fn = lambda q: jax.value_and_grad(loss)(q, b)
+      value, g = value_and_grad_fn(p)
+      u, s = opt.update(g, s, p, value_and_grad_fn=value_and_grad_fn, value=value)
+      return optax.apply_updates(p, u), s
+    return so.gated_jit(step, donate_argnums=(0, 1))
 
   def step(p, s, b):
     grad_fn = lambda q: jax.grad(loss)(q, b)

@@ -243,6 +243,22 @@ _ORDER_MESSAGE = (
     "`sam_optax.sam(base, rho)`), not `optax.chain(<base optimizer>, sharpness_aware(rho))`.")
 
 
+def guard_cosine(g: PyTree, g_adv: PyTree, eps: float = 1e-12, budget: int = 4096) -> jax.Array:
+  """cos(g, g_adv) over the smallest leaves only (at least one, at most ``budget``
+  entries beyond the first): enough to see the sign flip of a chain in the wrong order,
+  and cheap to keep alive through the second pass, unlike a full copy of g."""
+  leaves = jax.tree.leaves(g)
+  order = sorted(range(len(leaves)), key=lambda i: leaves[i].size)
+  keep, total = [], 0
+  for i in order:
+    if keep and total + leaves[i].size > budget:
+      break
+    keep.append(i)
+    total += leaves[i].size
+  adv = jax.tree.leaves(g_adv)
+  return tu.cosine([leaves[i] for i in keep], [adv[i] for i in keep], eps)
+
+
 def order_guard(fn: str) -> Callable[[jax.Array, jax.Array], None]:
   """A check, once per transformation instance, that ``updates`` is the loss gradient.
 
@@ -381,7 +397,7 @@ def sharpness_aware(
                                     for f in _FLOAT_FIELDS})
       guard(state.count, record.cosine)
     else:
-      guard(state.count, tu.cosine(updates, g_local, eps))
+      guard(state.count, guard_cosine(updates, g_local, eps))
     return g_adv, SharpnessAwareState(optax.safe_increment(state.count), p_state, record)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
