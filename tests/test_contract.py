@@ -53,6 +53,7 @@ OPTIMIZERS["asam"] = lambda: so.asam(SGD())
 OPTIMIZERS["asam_kernels_only"] = lambda: so.asam(SGD(), kernels_only=True)
 OPTIMIZERS["msam"] = lambda: so.msam(SGD())
 OPTIMIZERS["msam_adamw"] = lambda: so.msam(optax.adamw(1e-3), rho=1.0)
+OPTIMIZERS["apply_if_finite"] = lambda: so.apply_if_finite(so.sam(SGD()))
 
 
 def test_table_covers_every_exported_transformation():
@@ -98,6 +99,14 @@ def test_contract(name):
     assert signature(s) == signature(states[0])
   assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(p_plain))
   assert not np.allclose(jax.tree.leaves(p_plain)[0], jax.tree.leaves(params)[0])
+
+  # an eagerly built state can be donated (no array appears twice in it)
+  donated = jax.jit(lambda p, s: opt.update(jax.grad(mlp_loss)(p, make_data(0)), s, p,
+                                            grad_fn=lambda q: jax.grad(mlp_loss)(q, make_data(0))),
+                    donate_argnums=1)
+  leaves = jax.tree.leaves(opt.init(params))
+  assert len({id(x) for x in leaves}) == len(leaves)
+  donated(params, opt.init(params))
 
   # unused extra keyword arguments are accepted and ignored
   p_extra, _, _, _ = run_steps(opt, params, n=4, extra={"value": jnp.ones(()), "foo": "bar"})

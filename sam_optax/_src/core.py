@@ -52,8 +52,9 @@ _FLOAT_FIELDS = ("clean_grad_norm", "perturbation_norm", "perturbed_grad_norm", 
 
 
 def empty_telemetry() -> Telemetry:
-  z, i = jnp.zeros([], jnp.float32), jnp.zeros([], jnp.int32)
-  return Telemetry(z, z, z, z, z, z, i, i)
+  # one buffer per field: a state holding the same array twice cannot be donated
+  return Telemetry(*(jnp.zeros([], jnp.float32) for _ in _FLOAT_FIELDS),
+                   jnp.zeros([], jnp.int32), jnp.zeros([], jnp.int32))
 
 
 def make_telemetry(g: PyTree, delta: PyTree | None, g_adv: PyTree, clean_loss: Any,

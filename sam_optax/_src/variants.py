@@ -361,8 +361,9 @@ def adaptive_policy(transform: optax.GradientTransformation, *, total_steps: int
   inner_update = optax.with_extra_args_support(transform).update
 
   def init(params):
-    z = jnp.zeros([], tu.reduction_dtype(params))
-    return AdaptivePolicyState(jnp.zeros([], jnp.int32), z, z, jnp.zeros([], jnp.int32),
+    dtype = tu.reduction_dtype(params)  # separate buffers, so the state can be donated
+    return AdaptivePolicyState(jnp.zeros([], jnp.int32), jnp.zeros([], dtype), jnp.zeros([], dtype),
+                               jnp.zeros([], jnp.int32),
                                transform.init(params), _zero_f32(), _zero_f32())
 
   def update(updates, state, params=None, **extra_args):
