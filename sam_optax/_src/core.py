@@ -26,6 +26,12 @@ class SharpnessAwareState(NamedTuple):
       schedule).
     perturbation_state: the state of the perturbation transformation (EMAs,
       PRNG keys, masks; ``EmptyState`` for stateless ones).
+
+  Example:
+    >>> import jax.numpy as jnp, sam_optax
+    >>> state = sam_optax.sharpness_aware(0.05).init({"w": jnp.ones(3)})
+    >>> isinstance(state, sam_optax.SharpnessAwareState), int(state.count)
+    (True, 0)
   """
   count: jax.Array
   perturbation_state: optax.OptState
