@@ -52,10 +52,10 @@ def gate(pred: jax.Array, true_fn: Callable, false_fn: Callable, *operands,
   return jax.lax.cond(pred, true_fn, false_fn, *operands)
 
 
-_DECIDERS: dict[type, Callable[[Any], jax.Array]] = {}
+_DECIDERS: dict[type, Callable[[Any], jax.Array | bool]] = {}
 
 
-def register_gate(state_type: type, decide: Callable[[Any], jax.Array]) -> None:
+def register_gate(state_type: type, decide: Callable[[Any], jax.Array | bool]) -> None:
   """Declares that ``decide(state)`` gives the next step's gate decision."""
   _DECIDERS[state_type] = decide
 

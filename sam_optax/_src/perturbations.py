@@ -42,6 +42,8 @@ class Perturbation(optax.GradientTransformationExtraArgs):
     [0.6 0.8]
   """
 
+  project: Projection
+
 
 def make_perturbation(init: Callable, update: Callable, project: Projection | None = None
                       ) -> Perturbation:

@@ -51,7 +51,7 @@ def safe_inverse(x: jax.Array, eps: float) -> jax.Array:
   return jnp.where(big, 1.0 / jnp.where(big, x, 1.0), 0.0)
 
 
-def scale(tree: PyTree, s: jax.Array) -> PyTree:
+def scale(tree: PyTree, s: jax.Array | float) -> PyTree:
   """s * tree, each leaf keeping its dtype (the product is formed in f32)."""
   return jax.tree.map(lambda x: (_f32(x) * s).astype(x.dtype), tree)
 
@@ -61,7 +61,7 @@ def normalize(tree: PyTree, eps: float) -> PyTree:
   return scale(tree, safe_inverse(norm(tree), eps))
 
 
-def add_scaled(a: PyTree, s: jax.Array, b: PyTree) -> PyTree:
+def add_scaled(a: PyTree, s: jax.Array | float, b: PyTree) -> PyTree:
   """a + s * b, each leaf in a's dtype."""
   return jax.tree.map(lambda x, y: (_f32(x) + s * _f32(y)).astype(x.dtype), a, b)
 

@@ -91,7 +91,7 @@ def gsam(rho: core.ScalarOrSchedule = 0.05, alpha: float = 0.6, *,
   return optax.GradientTransformationExtraArgs(init, update)
 
 
-def rho_schedule_from_lr(lr_schedule: Callable[[jax.Array], jax.Array], rho_max: float,
+def rho_schedule_from_lr(lr_schedule: optax.Schedule, rho_max: float,
                          rho_min: float, lr_max: float, lr_min: float
                          ) -> Callable[[jax.Array], jax.Array]:
   r"""GSAM's radius schedule: :math:`\rho_t` moves linearly with the learning rate.
