@@ -65,3 +65,5 @@ html_theme_options = {
     "use_download_button": True,
 }
 pygments_style = "friendly"
+html_static_path = ["_static"]
+html_css_files = ["custom.css"]

@@ -1,6 +1,6 @@
 """Writes the API reference from each public module's ``__all__`` and checks it.
 
-At ``builder-inited`` it imports every public module of sam_optax (the fixed
+At ``config-inited`` it imports every public module of sam_optax (the fixed
 list below plus any ``sam_optax.<name>`` module that does not start with an
 underscore, so a new module gets a page without touching the docs), and writes
 ``api/<module>.rst`` with an ``autosummary`` table of the module's ``__all__``
@@ -37,7 +37,7 @@ SECTIONS = {
     "sam_optax._src.distributed": "Distributed training",
 }
 API_DIR = "api"
-EXPECTED: dict[str, list[str]] = {}  # module -> public names, filled at builder-inited
+EXPECTED: dict[str, list[str]] = {}  # module -> public names, filled at config-inited
 STUB_DIR = "_autosummary"
 
 
@@ -83,7 +83,7 @@ def module_page(name: str) -> str:
   return "\n".join(out)
 
 
-def write_pages(app: Sphinx) -> None:
+def write_pages(app: Sphinx, config) -> None:
   api = Path(app.srcdir) / API_DIR
   api.mkdir(exist_ok=True)
   modules = public_modules()
@@ -110,7 +110,7 @@ def check_pages(app: Sphinx, exception: Exception | None) -> None:
 
 
 def setup(app: Sphinx) -> dict:
-  # before autosummary (priority 500) turns the tables into stub pages
-  app.connect("builder-inited", write_pages, priority=100)
+  # at config-inited, before Sphinx lists the source files and autosummary writes the stubs
+  app.connect("config-inited", write_pages)
   app.connect("build-finished", check_pages)
   return {"parallel_read_safe": True, "parallel_write_safe": True}

@@ -1,0 +1,98 @@
+"""The examples a reader copies: README.md and the docs pages run as written; every public
+name has a runnable Example; the installed version is the one the package reports."""
+
+import importlib
+import importlib.metadata
+import importlib.util
+import math
+import os
+import re
+from pathlib import Path
+
+import pytest
+
+import sam_optax
+
+ROOT = Path(__file__).resolve().parents[1]
+DOCS = ROOT / "docs"
+FENCE = re.compile(r"^```python\n(.*?)^```", re.S | re.M)
+
+
+def python_blocks(path: Path) -> list[str]:
+  return FENCE.findall(path.read_text())
+
+
+def run_blocks(path: Path, monkeypatch, tmp_path) -> dict:
+  """Runs the page's ```python blocks in order in one namespace, as a reader would."""
+  blocks = python_blocks(path)
+  assert blocks, f"{path} has no ```python block"
+  monkeypatch.chdir(tmp_path)
+  namespace = {"__name__": "__main__"}
+  for i, block in enumerate(blocks):
+    exec(compile(block, f"{path.name} block {i + 1}", "exec"), namespace)
+  return namespace
+
+
+def check_training_worked(ns: dict) -> None:
+  """Pages that train a classifier end with a training accuracy; a broken step would not
+  reach it. Pages that return a loss return a finite one."""
+  for name in ("accuracy", "linen_accuracy", "nnx_accuracy"):
+    if name in ns:
+      assert ns[name] > 0.9, (name, ns[name])
+  if "loss" in ns:
+    assert math.isfinite(float(ns["loss"]))
+
+
+def test_readme_python_blocks_run(monkeypatch, tmp_path):
+  ns = run_blocks(ROOT / "README.md", monkeypatch, tmp_path)
+  check_training_worked(ns)
+  assert "loss" in ns and "accuracy" in ns  # the usage program returns and reports the loss
+
+
+PAGES = sorted(p for p in list(DOCS.glob("*.md")) + list(DOCS.glob("guides/*.md")) if python_blocks(p))
+
+
+def test_docs_pages_with_code_are_found():
+  names = {p.relative_to(DOCS).as_posix() for p in PAGES}
+  assert {"getting_started.md", "guides/composing.md", "guides/scaling.md"} <= names
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("page", PAGES, ids=lambda p: p.relative_to(DOCS).as_posix())
+def test_docs_page_runs(page, monkeypatch, tmp_path):
+  check_training_worked(run_blocks(page, monkeypatch, tmp_path))
+
+
+def _api_pages():
+  spec = importlib.util.spec_from_file_location("api_pages", DOCS / "_ext" / "api_pages.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def test_every_public_name_has_a_runnable_example():
+  """The names the API reference lists (each public module's __all__) all carry an
+  ``Example:`` section with doctest lines, which ``pytest --doctest-modules`` runs."""
+  api = _api_pages()
+  missing = []
+  for module_name in api.public_modules():
+    module = importlib.import_module(module_name)
+    for name in api.public_names(module):
+      doc = getattr(module, name).__doc__ or ""
+      section = doc.split("Example:", 1)[1] if "Example:" in doc else ""
+      if ">>>" not in section:
+        missing.append(f"{module_name}.{name}")
+  assert not missing, f"no runnable Example section: {missing}"
+
+
+def test_version_is_the_distribution_version():
+  assert sam_optax.__version__ == importlib.metadata.version("sam_optax")
+
+
+@pytest.mark.skipif(os.environ.get("SAM_OPTAX_TEST_INSTALLED") != "1",
+                    reason="checks the wheel; set SAM_OPTAX_TEST_INSTALLED=1 (the README's test command does)")
+def test_tests_run_against_the_installed_wheel():
+  package = Path(sam_optax.__file__).resolve().parent
+  assert ROOT not in package.parents, f"sam_optax imported from the source tree: {package}"
+  assert (package / "py.typed").exists()
+  assert importlib.util.find_spec("sam_optax.flax_training") is not None
