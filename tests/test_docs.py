@@ -111,3 +111,19 @@ def test_tests_run_against_the_installed_wheel():
   assert ROOT not in package.parents, f"sam_optax imported from the source tree: {package}"
   assert (package / "py.typed").exists()
   assert importlib.util.find_spec("sam_optax.flax_training") is not None
+
+
+@pytest.mark.skipif(importlib.util.find_spec("sphinx") is None, reason="needs the docs extra")
+def test_docs_build_check_fails_on_a_public_name_without_a_page():
+  from types import SimpleNamespace
+
+  from sphinx.errors import ExtensionError
+
+  api = _api_pages()
+  api.EXPECTED.clear()
+  api.EXPECTED.update({"sam_optax": ["sam", "l2"]})
+  app = SimpleNamespace(env=SimpleNamespace(all_docs={"api/_autosummary/sam_optax.sam": 0}))
+  with pytest.raises(ExtensionError, match="sam_optax.l2"):
+    api.check_pages(app, None)
+  app.env.all_docs["api/_autosummary/sam_optax.l2"] = 0
+  api.check_pages(app, None)  # every name has its page: no error
