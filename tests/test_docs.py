@@ -108,7 +108,8 @@ def test_version_is_the_distribution_version():
                     reason="checks the wheel; set SAM_OPTAX_TEST_INSTALLED=1 (the README's test command does)")
 def test_tests_run_against_the_installed_wheel():
   package = Path(sam_optax.__file__).resolve().parent
-  assert ROOT not in package.parents, f"sam_optax imported from the source tree: {package}"
+  assert package != ROOT / "sam_optax", f"sam_optax imported from the source tree: {package}"
+  assert "site-packages" in package.parts
   assert (package / "py.typed").exists()
   assert importlib.util.find_spec("sam_optax.flax_training") is not None
 

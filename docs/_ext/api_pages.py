@@ -17,9 +17,10 @@ import importlib
 import inspect
 import pkgutil
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from sphinx.application import Sphinx
-from sphinx.errors import ExtensionError
+if TYPE_CHECKING:  # the page lists are also read by tests/test_docs.py, without sphinx
+  from sphinx.application import Sphinx
 
 PACKAGE = "sam_optax"
 # Shown first, in this order; other public submodules follow alphabetically.
@@ -103,6 +104,7 @@ def write_pages(app: Sphinx, config) -> None:
 def check_pages(app: Sphinx, exception: Exception | None) -> None:
   if exception is not None:
     return
+  from sphinx.errors import ExtensionError
   missing = [f"{m}.{n}" for m, names in EXPECTED.items() for n in names
              if f"{API_DIR}/{STUB_DIR}/{m}.{n}" not in app.env.all_docs]
   if missing:
