@@ -33,7 +33,18 @@ def _checkpointer():
 
 def save(path: str | os.PathLike, tree: PyTree) -> None:
   """Writes ``tree`` (e.g. ``{'params': ..., 'opt_state': ..., 'batch_stats': ...}``)
-  to the folder ``path`` (absolute or relative; it must not exist yet)."""
+  to the folder ``path`` (absolute or relative; it must not exist yet).
+
+  Example:
+    >>> import os, tempfile, jax.numpy as jnp, optax, sam_optax
+    >>> from sam_optax import checkpoint
+    >>> params = {"w": jnp.arange(3.0)}
+    >>> opt = sam_optax.looksam(0.05, k=5)
+    >>> path = os.path.join(tempfile.mkdtemp(), "step_100")
+    >>> checkpoint.save(path, {"params": params, "opt_state": opt.init(params)})
+    >>> os.path.isdir(path)
+    True
+  """
   _, ckptr = _checkpointer()
   ckptr.save(os.path.abspath(path), tree)
   ckptr.wait_until_finished()
@@ -60,6 +71,22 @@ def restore(path: str | os.PathLike, like: PyTree) -> PyTree:
   ``like`` is a freshly initialized tree of the same run (``opt.init(params)``
   and so on). Raises ``ValueError`` naming the leaves whose path, shape or
   dtype differ, e.g. when the checkpoint was written by another optimizer.
+
+  Example:
+    >>> import os, tempfile, jax.numpy as jnp, sam_optax
+    >>> from sam_optax import checkpoint
+    >>> params = {"w": jnp.arange(3.0)}
+    >>> opt = sam_optax.looksam(0.05, k=5)
+    >>> path = os.path.join(tempfile.mkdtemp(), "run")
+    >>> checkpoint.save(path, {"params": params, "opt_state": opt.init(params)})
+    >>> like = {"params": {"w": jnp.zeros(3)}, "opt_state": opt.init(params)}
+    >>> restored = checkpoint.restore(path, like)
+    >>> restored["params"]["w"].tolist(), type(restored["opt_state"]).__name__
+    ([0.0, 1.0, 2.0], 'LookSAMState')
+    >>> other = sam_optax.sharpness_aware(0.05).init(params)   # another optimizer's state
+    >>> checkpoint.restore(path, {"params": params, "opt_state": other})
+    Traceback (most recent call last):
+    ValueError: the checkpoint at ... does not match the state it is restored into ...
   """
   ocp, ckptr = _checkpointer()
   path = os.path.abspath(path)

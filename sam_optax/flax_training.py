@@ -30,12 +30,36 @@ except ImportError as e:  # pragma: no cover
 
 
 class TrainState(train_state.TrainState):
-  """A :class:`flax.training.train_state.TrainState` with BatchNorm statistics."""
+  """A :class:`flax.training.train_state.TrainState` with BatchNorm statistics.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, optax, flax.linen as nn, sam_optax
+    >>> from sam_optax.flax_training import TrainState
+    >>> class Net(nn.Module):
+    ...   @nn.compact
+    ...   def __call__(self, x, train: bool = False):
+    ...     x = nn.BatchNorm(use_running_average=not train)(nn.Dense(8)(x))
+    ...     return nn.Dense(3)(nn.relu(x))
+    >>> model = Net()
+    >>> variables = model.init(jax.random.key(0), jnp.ones((1, 4)))
+    >>> state = TrainState.create(apply_fn=model.apply, params=variables["params"],
+    ...                           batch_stats=variables["batch_stats"],
+    ...                           tx=sam_optax.sam(optax.sgd(0.1, momentum=0.9), rho=0.05))
+    >>> sorted(state.batch_stats["BatchNorm_0"])
+    ['mean', 'var']
+  """
   batch_stats: Any = struct.field(pytree_node=True, default=None)
 
 
 def softmax_cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
-  """Mean cross-entropy of integer labels, computed in float32."""
+  """Mean cross-entropy of integer labels, computed in float32.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from sam_optax.flax_training import softmax_cross_entropy
+    >>> round(float(softmax_cross_entropy(jnp.zeros((2, 10)), jnp.array([0, 3]))), 4)  # ln 10
+    2.3026
+  """
   return optax.softmax_cross_entropy_with_integer_labels(
       logits.astype(jnp.float32), labels).mean()
 
@@ -58,16 +82,28 @@ def make_linen_train_step(loss_fn: Callable[[jax.Array, jax.Array], jax.Array] =
 
   Example:
     >>> import jax, jax.numpy as jnp, optax, flax.linen as nn, sam_optax
-    >>> from sam_optax import flax_training as ft
-    >>> model = nn.Dense(3)
-    >>> x, y = jnp.ones((8, 4)), jnp.arange(8) % 3
-    >>> params = model.init(jax.random.key(0), x)["params"]
-    >>> state = ft.TrainState.create(apply_fn=lambda v, x, train, rngs, mutable:
-    ...                              (model.apply(v, x), {}), params=params,
-    ...                              tx=sam_optax.sam(optax.sgd(0.1), 0.05))
-    >>> step = ft.make_linen_train_step()
-    >>> state, m = step(state, (x, y), jax.random.key(1))
-    >>> bool(m["perturbed_loss"] > m["loss"])
+    >>> from sam_optax.flax_training import TrainState, make_linen_train_step
+    >>> class Net(nn.Module):
+    ...   @nn.compact
+    ...   def __call__(self, x, train: bool = False):
+    ...     x = nn.BatchNorm(use_running_average=not train)(nn.Dense(16)(x))
+    ...     x = nn.Dropout(0.1, deterministic=not train)(nn.relu(x))
+    ...     return nn.Dense(3)(x)
+    >>> model = Net()
+    >>> x = jax.random.normal(jax.random.key(1), (32, 4))
+    >>> y = (x[:, 0] > 0).astype(jnp.int32)
+    >>> variables = model.init(jax.random.key(0), x)
+    >>> state = TrainState.create(apply_fn=model.apply, params=variables["params"],
+    ...                           batch_stats=variables["batch_stats"],
+    ...                           tx=sam_optax.sam(optax.sgd(0.1, momentum=0.9), rho=0.05))
+    >>> train_step = make_linen_train_step()
+    >>> key = jax.random.key(2)
+    >>> for _ in range(20):
+    ...   key, dropout_key = jax.random.split(key)
+    ...   state, metrics = train_step(state, (x, y), dropout_key)
+    >>> int(state.step), sorted(k for k in metrics if "loss" in k)
+    (20, ['clean_loss', 'loss', 'perturbed_loss'])
+    >>> bool(metrics["loss"] < jnp.log(3.0))   # below chance level
     True
   """
 
@@ -103,7 +139,21 @@ def make_linen_train_step(loss_fn: Callable[[jax.Array, jax.Array], jax.Array] =
 
 
 def make_linen_eval_step(*, train_kwarg: str = "train") -> Callable:
-  """``eval_step(state, x) -> logits`` using the running statistics."""
+  """``eval_step(state, x) -> logits`` using the running statistics.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, optax, flax.linen as nn
+    >>> from sam_optax.flax_training import TrainState, make_linen_eval_step
+    >>> class Net(nn.Module):
+    ...   @nn.compact
+    ...   def __call__(self, x, train: bool = False):
+    ...     return nn.Dense(3)(nn.BatchNorm(use_running_average=not train)(x))
+    >>> variables = Net().init(jax.random.key(0), jnp.ones((1, 4)))
+    >>> state = TrainState.create(apply_fn=Net().apply, params=variables["params"],
+    ...                           batch_stats=variables["batch_stats"], tx=optax.sgd(0.1))
+    >>> make_linen_eval_step()(state, jnp.ones((5, 4))).shape
+    (5, 3)
+  """
 
   @jax.jit
   def evaluate(state: TrainState, x: jax.Array) -> jax.Array:
@@ -125,6 +175,20 @@ def nnx_grad_fn(graphdef: Any, rest: Any, loss_fn: Callable[..., jax.Array], *ar
   *args, **kwargs)`` with respect to the parameters. The rebuilt model is a
   copy: whatever the perturbed pass writes into its statistics is discarded,
   so the caller's model keeps the clean pass's statistics.
+
+  Example:
+    >>> import jax, jax.numpy as jnp
+    >>> from flax import nnx
+    >>> from sam_optax.flax_training import nnx_grad_fn
+    >>> model = nnx.Linear(2, 1, rngs=nnx.Rngs(0))
+    >>> loss_fn = lambda m, x: jnp.mean(m(x) ** 2)
+    >>> x = jnp.ones((4, 2))
+    >>> graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    >>> grad_fn = nnx_grad_fn(graphdef, rest, loss_fn, x)
+    >>> g = grad_fn(params)   # the gradient at any params state; here the clean one
+    >>> expected = nnx.grad(loss_fn)(model, x)
+    >>> all(bool(jnp.allclose(a, b)) for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(expected)))
+    True
   """
   value_and_grad_fn = nnx_value_and_grad_fn(graphdef, rest, loss_fn, *args, **kwargs)
   return lambda params: value_and_grad_fn(params)[1]
@@ -155,6 +219,29 @@ def nnx_sam_update(model: Any, optimizer: Any, loss_fn: Callable[..., jax.Array]
   clean pass's RNG advance so the perturbed pass reuses the same dropout
   masks, and calls ``optimizer.update(model, grads, value_and_grad_fn=...,
   value=loss)``. :func:`nnx_sam_step` does the same and returns the metrics.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, optax, sam_optax
+    >>> from flax import nnx
+    >>> from sam_optax.flax_training import nnx_sam_update
+    >>> class Net(nnx.Module):
+    ...   def __init__(self, rngs):
+    ...     self.lin1, self.bn = nnx.Linear(4, 16, rngs=rngs), nnx.BatchNorm(16, rngs=rngs)
+    ...     self.drop, self.lin2 = nnx.Dropout(0.1, rngs=rngs), nnx.Linear(16, 3, rngs=rngs)
+    ...   def __call__(self, x):
+    ...     return self.lin2(self.drop(nnx.relu(self.bn(self.lin1(x)))))
+    >>> def loss_fn(model, x, y):
+    ...   return optax.softmax_cross_entropy_with_integer_labels(model(x), y).mean()
+    >>> model = Net(nnx.Rngs(0))
+    >>> optimizer = nnx.Optimizer(model, sam_optax.sam(optax.sgd(0.1, momentum=0.9)), wrt=nnx.Param)
+    >>> @nnx.jit
+    ... def train_step(model, optimizer, x, y):
+    ...   return nnx_sam_update(model, optimizer, loss_fn, x, y)
+    >>> x = jax.random.normal(jax.random.key(1), (32, 4))
+    >>> y = (x[:, 0] > 0).astype(jnp.int32)
+    >>> losses = [float(train_step(model, optimizer, x, y)) for _ in range(20)]
+    >>> losses[-1] < losses[0]
+    True
   """
   from flax import nnx
 

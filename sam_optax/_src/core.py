@@ -87,6 +87,12 @@ class SharpnessAwareState(NamedTuple):
       PRNG keys, masks; ``EmptyState`` for stateless ones).
     telemetry: a :class:`Telemetry` of the last step (``None`` when built with
       ``telemetry=False``).
+
+  Example:
+    >>> import jax.numpy as jnp, sam_optax
+    >>> state = sam_optax.sharpness_aware(0.05).init({"w": jnp.ones(3)})
+    >>> isinstance(state, sam_optax.SharpnessAwareState), int(state.count)
+    (True, 0)
   """
   count: jax.Array
   perturbation_state: optax.OptState
