@@ -11,6 +11,7 @@ from sam_optax._src.aliases import asam, sam
 from sam_optax._src.core import SharpnessAwareState, Telemetry, sharpness_aware
 from sam_optax._src.distributed import local_params
 from sam_optax._src.gating import gated_jit
+from sam_optax._src.penalty import GradientNormPenaltyState, gradient_norm_penalty
 from sam_optax._src.perturbations import (
     AdaptiveState,
     FriendlyState,
@@ -58,6 +59,7 @@ __all__ = (
     "AdaptiveState",
     "FriendlyState",
     "GSAMState",
+    "GradientNormPenaltyState",
     "LookSAMState",
     "MaskedState",
     "MomentumSAMState",
@@ -75,6 +77,7 @@ __all__ = (
     "fisher",
     "friendly",
     "gated_jit",
+    "gradient_norm_penalty",
     "gsam",
     "kernel_mask",
     "l2",

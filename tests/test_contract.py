@@ -46,6 +46,7 @@ TRANSFORMS = {
     "randomized": lambda rho=0.05: so.randomized(so.sharpness_aware(rho), 0.5),
     "adaptive_policy": lambda rho=0.05: so.adaptive_policy(so.sharpness_aware(rho),
                                                            total_steps=10),
+    "gradient_norm_penalty": lambda rho=0.1: so.gradient_norm_penalty(rho, 0.8),
 }
 OPTIMIZERS = {name: (lambda f=f: optax.chain(f(), SGD())) for name, f in TRANSFORMS.items()}
 OPTIMIZERS["sam"] = lambda: so.sam(SGD())
