@@ -12,6 +12,7 @@ from sam_optax._src.core import SharpnessAwareState, Telemetry, sharpness_aware
 from sam_optax._src.distributed import local_params
 from sam_optax._src.gating import gated_jit
 from sam_optax._src.penalty import GradientNormPenaltyState, gradient_norm_penalty
+from sam_optax._src.penalty import GradientNormPenaltyState, gradient_norm_penalty
 from sam_optax._src.perturbations import (
     AdaptiveState,
     FriendlyState,
@@ -37,6 +38,7 @@ from sam_optax._src.perturbations import (
     variance_suppressed,
 )
 from sam_optax._src.telemetry import metrics
+from sam_optax._src.universal import UniversalSAMState, det_sam, frob_sam, trace_sam
 from sam_optax._src.variants import (
     AdaptivePolicyState,
     GSAMState,
@@ -60,6 +62,7 @@ __all__ = (
     "FriendlyState",
     "GSAMState",
     "GradientNormPenaltyState",
+    "GradientNormPenaltyState",
     "LookSAMState",
     "MaskedState",
     "MomentumSAMState",
@@ -70,13 +73,17 @@ __all__ = (
     "SparseState",
     "StochasticState",
     "Telemetry",
+    "UniversalSAMState",
     "VarianceSuppressedState",
     "adaptive",
     "adaptive_policy",
     "asam",
+    "det_sam",
     "fisher",
     "friendly",
+    "frob_sam",
     "gated_jit",
+    "gradient_norm_penalty",
     "gradient_norm_penalty",
     "gsam",
     "kernel_mask",
@@ -97,6 +104,7 @@ __all__ = (
     "sharpness_aware",
     "sparse",
     "stochastic",
+    "trace_sam",
     "unnormalized",
     "variance_suppressed",
 )
