@@ -8,9 +8,11 @@ Perturbation geometries are small transformations (:func:`l2`,
 """
 
 from sam_optax._src.aliases import asam, sam
+from sam_optax._src.bayes import BayesianSAMState, bsam, bsam_posterior, bsam_sample
 from sam_optax._src.core import SharpnessAwareState, Telemetry, sharpness_aware
 from sam_optax._src.distributed import local_params
 from sam_optax._src.gating import gated_jit
+from sam_optax._src.penalty import GradientNormPenaltyState, gradient_norm_penalty
 from sam_optax._src.penalty import GradientNormPenaltyState, gradient_norm_penalty
 from sam_optax._src.penalty import GradientNormPenaltyState, gradient_norm_penalty
 from sam_optax._src.perturbations import (
@@ -39,6 +41,7 @@ from sam_optax._src.perturbations import (
 )
 from sam_optax._src.telemetry import metrics
 from sam_optax._src.universal import UniversalSAMState, det_sam, frob_sam, trace_sam
+from sam_optax._src.universal import UniversalSAMState, det_sam, frob_sam, trace_sam
 from sam_optax._src.variants import (
     AdaptivePolicyState,
     GSAMState,
@@ -59,8 +62,10 @@ __version__ = "0.1.0"
 __all__ = (
     "AdaptivePolicyState",
     "AdaptiveState",
+    "BayesianSAMState",
     "FriendlyState",
     "GSAMState",
+    "GradientNormPenaltyState",
     "GradientNormPenaltyState",
     "GradientNormPenaltyState",
     "LookSAMState",
@@ -74,15 +79,22 @@ __all__ = (
     "StochasticState",
     "Telemetry",
     "UniversalSAMState",
+    "UniversalSAMState",
     "VarianceSuppressedState",
     "adaptive",
     "adaptive_policy",
     "asam",
+    "bsam",
+    "bsam_posterior",
+    "bsam_sample",
+    "det_sam",
     "det_sam",
     "fisher",
     "friendly",
     "frob_sam",
+    "frob_sam",
     "gated_jit",
+    "gradient_norm_penalty",
     "gradient_norm_penalty",
     "gradient_norm_penalty",
     "gsam",
@@ -104,6 +116,7 @@ __all__ = (
     "sharpness_aware",
     "sparse",
     "stochastic",
+    "trace_sam",
     "trace_sam",
     "unnormalized",
     "variance_suppressed",

@@ -62,12 +62,14 @@ OPTIMIZERS["asam"] = lambda: so.asam(SGD())
 OPTIMIZERS["asam_kernels_only"] = lambda: so.asam(SGD(), kernels_only=True)
 OPTIMIZERS["msam"] = lambda: so.msam(SGD())
 OPTIMIZERS["msam_adamw"] = lambda: so.msam(optax.adamw(1e-3), rho=1.0)
+OPTIMIZERS["bsam"] = lambda: so.bsam(0.05, num_data=32)
 
 
 def test_table_covers_every_exported_transformation():
   exported = {n for n in so.__all__ if n[0].islower()}
   helpers = {"gated_jit", "kernel_mask", "normalization_mask", "make_perturbation", "local_params",
-             "msam_clean_params", "rho_schedule_from_lr", "masked", "metrics"}
+             "msam_clean_params", "rho_schedule_from_lr", "masked", "metrics", "bsam_posterior",
+             "bsam_sample"}
   covered = set(TRANSFORMS) | set(OPTIMIZERS) | {"masked"}
   assert exported - helpers - covered == set()
 
