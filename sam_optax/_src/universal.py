@@ -191,8 +191,12 @@ def trace_sam(rho: core.ScalarOrSchedule = 0.01, num_samples: int = 1, seed: int
   used (only its structure is checked). The n points are evaluated in one
   ``jax.vmap``-ed call of ``grad_fn``, so ``grad_fn`` must be vmappable (pure
   JAX, no Python side effects that depend on values); n = 1 calls it directly.
-  Noise at step t: ``fold_in(jax.random.key(seed), t)``, split per leaf (see
-  :mod:`sam_optax._src.universal` for the exact derivation).
+
+  Noise (the same derivation for :func:`frob_sam`, :func:`det_sam` and
+  :func:`bsam`): at step t the key is ``jax.random.fold_in(jax.random.key(seed),
+  t)``, split into one key per leaf (``jax.random.split(key, num_leaves)``, in
+  ``jax.tree.leaves(params)`` order); leaf j gets ``jax.random.normal(keys[j],
+  (n,) + leaf.shape, float32)`` (the leaf's dtype if float64 or complex).
 
   On the sampler: the reference implementation's "hypersphere" sampler draws
   Gaussian samples and never divides them by their norm, so its runs (and its
@@ -344,7 +348,8 @@ def det_sam(rho: core.ScalarOrSchedule = 1.0, lam: float = 1.0, h: float = 0.01,
   calls the closure once more at ``w`` for the loss (under ``jit`` XLA drops
   the unused backward pass, so this costs a forward pass). The n points are
   evaluated in one ``jax.vmap``-ed call (the closure must be vmappable).
-  Noise: uniform, derived as in :func:`trace_sam`.
+  Noise: keys as in :func:`trace_sam`, leaf j gets ``jax.random.uniform(keys[j],
+  (n,) + leaf.shape, float32, -1.0, 1.0) * h``.
 
   Args:
     rho: scale :math:`\rho > 0` of the perturbation and of :math:`\Delta`
