@@ -8,10 +8,14 @@ Perturbation geometries are small transformations (:func:`l2`,
 """
 
 from sam_optax._src.aliases import asam, sam
+from sam_optax._src.bayes import BayesianSAMState, bsam, bsam_posterior, bsam_sample
 from sam_optax._src.core import SharpnessAwareState, Telemetry, sharpness_aware
 from sam_optax._src.distributed import local_params
 from sam_optax._src.finite import apply_if_finite
 from sam_optax._src.gating import gated_jit
+from sam_optax._src.penalty import GradientNormPenaltyState, gradient_norm_penalty
+from sam_optax._src.penalty import GradientNormPenaltyState, gradient_norm_penalty
+from sam_optax._src.penalty import GradientNormPenaltyState, gradient_norm_penalty
 from sam_optax._src.perturbations import (
     AdaptiveState,
     FriendlyState,
@@ -37,6 +41,8 @@ from sam_optax._src.perturbations import (
     variance_suppressed,
 )
 from sam_optax._src.telemetry import metrics
+from sam_optax._src.universal import UniversalSAMState, det_sam, frob_sam, trace_sam
+from sam_optax._src.universal import UniversalSAMState, det_sam, frob_sam, trace_sam
 from sam_optax._src.variants import (
     AdaptivePolicyState,
     GSAMState,
@@ -57,8 +63,12 @@ __version__ = "0.1.0"
 __all__ = (
     "AdaptivePolicyState",
     "AdaptiveState",
+    "BayesianSAMState",
     "FriendlyState",
     "GSAMState",
+    "GradientNormPenaltyState",
+    "GradientNormPenaltyState",
+    "GradientNormPenaltyState",
     "LookSAMState",
     "MaskedState",
     "MomentumSAMState",
@@ -69,14 +79,26 @@ __all__ = (
     "SparseState",
     "StochasticState",
     "Telemetry",
+    "UniversalSAMState",
+    "UniversalSAMState",
     "VarianceSuppressedState",
     "adaptive",
     "adaptive_policy",
     "apply_if_finite",
     "asam",
+    "bsam",
+    "bsam_posterior",
+    "bsam_sample",
+    "det_sam",
+    "det_sam",
     "fisher",
     "friendly",
+    "frob_sam",
+    "frob_sam",
     "gated_jit",
+    "gradient_norm_penalty",
+    "gradient_norm_penalty",
+    "gradient_norm_penalty",
     "gsam",
     "kernel_mask",
     "l2",
@@ -96,6 +118,8 @@ __all__ = (
     "sharpness_aware",
     "sparse",
     "stochastic",
+    "trace_sam",
+    "trace_sam",
     "unnormalized",
     "variance_suppressed",
 )

@@ -36,6 +36,8 @@ SECTIONS = {
     "sam_optax._src.variants": "Descent rules and schedules",
     "sam_optax._src.gating": "Skipping passes",
     "sam_optax._src.distributed": "Distributed training",
+    "sam_optax._src.telemetry": "Telemetry",
+    "sam_optax._src.finite": "Non-finite steps",
 }
 API_DIR = "api"
 EXPECTED: dict[str, list[str]] = {}  # module -> public names, filled at config-inited
