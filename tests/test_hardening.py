@@ -16,7 +16,7 @@ from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import sam_optax as so
-from test_contract import OPTIMIZERS, SGD
+from test_contract import NEEDS_LOSS, OPTIMIZERS, SGD
 
 DTYPES = ["float16", "bfloat16", "float32", "float64", "complex64"]
 
@@ -50,6 +50,15 @@ def descent_grad(p):
   return jax.tree.map(jnp.conj, jax.grad(loss)(p))
 
 
+def closure(name, grad_fn, p, loss_fn=None):
+  """The update's closure keywords for a row: ``grad_fn``, or for the rows that need the
+  losses ``value_and_grad_fn`` and ``value``."""
+  loss_fn = loss_fn or loss
+  if name in NEEDS_LOSS:
+    return {"value_and_grad_fn": lambda q: (loss_fn(q), grad_fn(q)), "value": loss_fn(p)}
+  return {"grad_fn": grad_fn}
+
+
 def signature(tree):
   return jax.tree.map(lambda x: (jnp.shape(x), jnp.asarray(x).dtype), tree)
 
@@ -69,7 +78,7 @@ def test_every_dtype_under_jit_and_gated_jit(name, dtype):
 
       def step(p, s):
         traces.append(1)
-        u, s = opt.update(descent_grad(p), s, p, grad_fn=descent_grad)
+        u, s = opt.update(descent_grad(p), s, p, **closure(name, descent_grad, p))
         return optax.apply_updates(p, u), s
 
       run = jax.jit(step) if kind == "jit" else so.gated_jit(step, host_gating=True)
@@ -223,7 +232,7 @@ def test_params_sharded_over_a_mesh(name, axis_type):
 
   def step(p, s):
     g = jax.grad(loss)(p)
-    u, s = opt.update(g, s, p, grad_fn=jax.grad(loss))
+    u, s = opt.update(g, s, p, **closure(name, jax.grad(loss), p))
     return optax.apply_updates(p, u), s
 
   p_ref, s_ref = params, opt.init(params)
@@ -263,7 +272,7 @@ def test_non_finite_step_is_skipped_and_leaves_the_state(name):
     g = jax.grad(loss)(p)
     if nan and name.startswith("msam"):
       g = poisoned(g)
-    u, s = opt.update(g, s, p, grad_fn=poisoned if nan else jax.grad(loss))
+    u, s = opt.update(g, s, p, **closure(name, poisoned if nan else jax.grad(loss), p))
     return optax.apply_updates(p, u), s
 
   step = jax.jit(step, static_argnums=2)

@@ -10,7 +10,7 @@ import pytest
 
 import sam_optax as so
 from helpers import mlp_init, mlp_loss
-from test_contract import OPTIMIZERS
+from test_contract import NEEDS_LOSS, OPTIMIZERS
 
 pytestmark = pytest.mark.slow
 
@@ -40,7 +40,12 @@ def test_soak_5000_steps(name):
     idx = jax.random.choice(jax.random.fold_in(jax.random.key(1), t), 512, (32,), replace=False)
     batch = (x[idx], y[idx])
     grad_fn = lambda q: jax.grad(mlp_loss)(q, batch)
-    u, s = opt.update(grad_fn(p), s, p, grad_fn=grad_fn)
+    if name in NEEDS_LOSS:
+      vg = lambda q: jax.value_and_grad(mlp_loss)(q, batch)
+      kw = {"value_and_grad_fn": vg, "value": mlp_loss(p, batch)}
+    else:
+      kw = {"grad_fn": grad_fn}
+    u, s = opt.update(grad_fn(p), s, p, **kw)
     return optax.apply_updates(p, u), s
 
   run = so.gated_jit(step, host_gating=True)
