@@ -11,10 +11,10 @@ from sam_optax._src.aliases import asam, sam
 from sam_optax._src.bayes import BayesianSAMState, bsam, bsam_posterior, bsam_sample
 from sam_optax._src.core import SharpnessAwareState, Telemetry, sharpness_aware
 from sam_optax._src.distributed import local_params
+from sam_optax._src.esam import ESAMState, esam
 from sam_optax._src.finite import apply_if_finite
 from sam_optax._src.gating import gated_jit
-from sam_optax._src.penalty import GradientNormPenaltyState, gradient_norm_penalty
-from sam_optax._src.penalty import GradientNormPenaltyState, gradient_norm_penalty
+from sam_optax._src.parallel import SAMPaState, sampa
 from sam_optax._src.penalty import GradientNormPenaltyState, gradient_norm_penalty
 from sam_optax._src.perturbations import (
     AdaptiveState,
@@ -42,7 +42,6 @@ from sam_optax._src.perturbations import (
 )
 from sam_optax._src.telemetry import metrics
 from sam_optax._src.universal import UniversalSAMState, det_sam, frob_sam, trace_sam
-from sam_optax._src.universal import UniversalSAMState, det_sam, frob_sam, trace_sam
 from sam_optax._src.variants import (
     AdaptivePolicyState,
     GSAMState,
@@ -57,6 +56,7 @@ from sam_optax._src.variants import (
     randomized,
     rho_schedule_from_lr,
 )
+from sam_optax.trajectory import WeightEMAState, weight_ema
 
 __version__ = "0.1.0"
 
@@ -64,10 +64,9 @@ __all__ = (
     "AdaptivePolicyState",
     "AdaptiveState",
     "BayesianSAMState",
+    "ESAMState",
     "FriendlyState",
     "GSAMState",
-    "GradientNormPenaltyState",
-    "GradientNormPenaltyState",
     "GradientNormPenaltyState",
     "LookSAMState",
     "MaskedState",
@@ -75,13 +74,14 @@ __all__ = (
     "Perturbation",
     "RandomWeightState",
     "RandomizedState",
+    "SAMPaState",
     "SharpnessAwareState",
     "SparseState",
     "StochasticState",
     "Telemetry",
     "UniversalSAMState",
-    "UniversalSAMState",
     "VarianceSuppressedState",
+    "WeightEMAState",
     "adaptive",
     "adaptive_policy",
     "apply_if_finite",
@@ -90,14 +90,11 @@ __all__ = (
     "bsam_posterior",
     "bsam_sample",
     "det_sam",
-    "det_sam",
+    "esam",
     "fisher",
     "friendly",
     "frob_sam",
-    "frob_sam",
     "gated_jit",
-    "gradient_norm_penalty",
-    "gradient_norm_penalty",
     "gradient_norm_penalty",
     "gsam",
     "kernel_mask",
@@ -115,11 +112,12 @@ __all__ = (
     "randomized",
     "rho_schedule_from_lr",
     "sam",
+    "sampa",
     "sharpness_aware",
     "sparse",
     "stochastic",
     "trace_sam",
-    "trace_sam",
     "unnormalized",
     "variance_suppressed",
+    "weight_ema",
 )

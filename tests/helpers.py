@@ -54,3 +54,9 @@ def make_data(seed, n=32, d=8, classes=3):
   x = jnp.asarray(rng.normal(size=(n, d)), jnp.float32)
   y = jnp.asarray(rng.integers(0, classes, size=n), jnp.int32)
   return x, y
+
+
+def mlp_example_losses(params, batch):
+  """The per-example terms of ``mlp_loss`` (its mean is ``mlp_loss``), for ESAM."""
+  x, y = batch
+  return -jnp.take_along_axis(jax.nn.log_softmax(mlp_apply(params, x)), y[:, None], axis=1)[:, 0]

@@ -6,6 +6,10 @@ ignored; the jitted step compiles once; state dtypes and shapes are stable;
 it works under inject_hyperparams (rho), optax.MultiSteps and
 optax.apply_if_finite; bf16 params keep their dtype; a zero gradient gives no
 NaN.
+
+ESAM scores examples, so it needs per-example losses: every row's update also receives
+``per_example_loss_fn=`` (params -> per-example losses of the batch); the other rows ignore
+it, as they ignore any unused extra argument.
 """
 
 import jax
@@ -15,7 +19,7 @@ import optax
 import pytest
 
 import sam_optax as so
-from helpers import make_data, mlp_init, mlp_loss
+from helpers import make_data, mlp_example_losses, mlp_init, mlp_loss
 
 SGD = lambda: optax.sgd(0.05, momentum=0.9)
 
@@ -64,6 +68,11 @@ OPTIMIZERS["msam"] = lambda: so.msam(SGD())
 OPTIMIZERS["msam_adamw"] = lambda: so.msam(optax.adamw(1e-3), rho=1.0)
 OPTIMIZERS["apply_if_finite"] = lambda: so.apply_if_finite(so.sam(SGD()))
 OPTIMIZERS["bsam"] = lambda: so.bsam(0.05, num_data=32)
+OPTIMIZERS["sampa"] = lambda: so.sampa(SGD())
+OPTIMIZERS["sampa_unvectorized"] = lambda: so.sampa(SGD(), vectorize=False)
+OPTIMIZERS["esam"] = lambda: optax.chain(so.esam(), SGD())
+OPTIMIZERS["esam_l2"] = lambda: optax.chain(so.esam(0.05, 0.25, perturbation=so.l2()), SGD())
+OPTIMIZERS["weight_ema"] = lambda: optax.chain(SGD(), so.weight_ema(0.9))
 
 
 def test_table_covers_every_exported_transformation():
@@ -89,7 +98,8 @@ def run_steps(opt, params, n=3, dtype=None, extra=None, zero=False, name=None):
       kw = {"value_and_grad_fn": vg, "value": mlp_loss(p, batch)}
     else:
       kw = {"grad_fn": grad_fn}
-    u, s = opt.update(grad_fn(p), s, p, **kw, **(extra or {}))
+    u, s = opt.update(grad_fn(p), s, p, **kw,
+                      per_example_loss_fn=lambda q: mlp_example_losses(q, batch), **(extra or {}))
     return optax.apply_updates(p, u), s, u
 
   state = opt.init(params)
@@ -156,7 +166,9 @@ def test_contract(name):
   nan_grads = jax.tree.map(lambda x: jnp.full_like(x, jnp.nan), params)
   nan_kw = ({"value_and_grad_fn": lambda q: (jnp.float32(jnp.nan), nan_grads)}
             if name in NEEDS_LOSS else {"grad_fn": lambda q: nan_grads})
-  u, new_state = jax.jit(lambda s: guarded.update(nan_grads, s, params, **nan_kw))(state)
+  u, new_state = jax.jit(lambda s: guarded.update(
+      nan_grads, s, params, **nan_kw,
+      per_example_loss_fn=lambda q: jnp.full((4,), jnp.nan)))(state)
   assert all(np.all(np.asarray(x) == 0) for x in jax.tree.leaves(u))
   assert int(new_state.notfinite_count) == 1
   for a, b in zip(jax.tree.leaves(state.inner_state), jax.tree.leaves(new_state.inner_state), strict=False):
