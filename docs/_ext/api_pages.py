@@ -38,6 +38,12 @@ SECTIONS = {
     "sam_optax._src.distributed": "Distributed training",
     "sam_optax._src.telemetry": "Telemetry",
     "sam_optax._src.finite": "Non-finite steps",
+    "sam_optax._src.parallel": "Parallel and one-pass variants",
+    "sam_optax._src.esam": "Parallel and one-pass variants",
+    "sam_optax.trajectory": "Parallel and one-pass variants",
+    "sam_optax._src.penalty": "Broader sharpness measures",
+    "sam_optax._src.universal": "Broader sharpness measures",
+    "sam_optax._src.bayes": "Bayesian SAM",
 }
 API_DIR = "api"
 EXPECTED: dict[str, list[str]] = {}  # module -> public names, filled at config-inited
