@@ -14,7 +14,12 @@ import optax
 from sam_optax._src import distributed
 from sam_optax._src import perturbations as pert
 from sam_optax._src import tree as tu
-from sam_optax._src.validation import check_real, check_static_int
+from sam_optax._src.validation import (  # noqa: F401 (check_int, check_transform: re-exported)
+    check_int,
+    check_real,
+    check_static_int,
+    check_transform,
+)
 
 PyTree = Any
 ScalarOrSchedule = float | jax.Array | Callable[[jax.Array], jax.Array]
