@@ -129,14 +129,17 @@ def build_step(name, opt, loss):
 BLOCK = 10
 
 
-def measure(model_name, reps, batch, width=512):
+def measure(model_name, reps, batch, width=512, only=None):
   params, data, loss = model_and_data(model_name, batch, width)
-  return measure_all(params, data, loss, reps)
+  return measure_all(params, data, loss, reps, only=only)
 
 
-def measure_all(params, data, loss, reps, block=BLOCK):
-  """Compile, warm and time every optimizer's step on (params, data, loss); see the module doc."""
+def measure_all(params, data, loss, reps, block=BLOCK, only=None):
+  """Compile, warm and time every optimizer's step on (params, data, loss); see the module doc.
+  ``only``: a subset of the optimizer names (the base and the peer are always measured)."""
   opts = make_optimizers()
+  if only:
+    opts = {n: o for n, o in opts.items() if n in set(only) | {"base", "optax_contrib_sam"}}
   steps, states = {}, {}
   compile_s, memory = {}, {}
   for name, opt in opts.items():
@@ -181,6 +184,8 @@ def main():
   ap.add_argument("--batch", type=int, default=128)
   ap.add_argument("--widths", default="", help="MLP width sweep, e.g. 128,512,2048")
   ap.add_argument("--json", default="")
+  ap.add_argument("--only", default="", help="comma-separated optimizer names (base and the peer "
+                                             "are always included)")
   args = ap.parse_args()
   print(f"# {platform.node()} {platform.processor() or platform.machine()}, "
         f"{jax.device_count()} x {jax.devices()[0].device_kind}, jax {jax.__version__}, "
@@ -193,7 +198,8 @@ def main():
   runs += [("mlp", int(w)) for w in args.widths.split(",") if w]
   for model_name, width in runs:
     key = model_name if model_name != "mlp" or not args.widths else f"mlp_w{width}"
-    res = measure(model_name, args.reps, args.batch, width)
+    res = measure(model_name, args.reps, args.batch, width,
+                  only=[n for n in args.only.split(",") if n] or None)
     out[key] = res
     print(f"\n## {key}")
     print("| optimizer | median ms | × base | × optax.contrib.sam | compile s | temp MiB | arg MiB |")
