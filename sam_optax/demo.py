@@ -26,6 +26,7 @@ import optax
 
 import sam_optax as so
 from sam_optax import flax_training as ft
+from sam_optax import trajectory
 from sam_optax.datasets import load_digits, load_mnist5k
 
 try:
@@ -60,9 +61,22 @@ def make_model(name: str):
   return {"cnn": CNN, "mlp": MLP}[name]()
 
 
-def optimizers(lr: float, steps: int, rho: float) -> dict[str, Callable[[], optax.GradientTransformation]]:
+class Recipe(NamedTuple):
+  """An optimizer whose train step is not the standard SAM step: ``kind`` picks the
+  :mod:`sam_optax.flax_training` step (``sampa``, ``esam``, ``saf``, ``mesa``) and
+  ``step_kwargs`` its options."""
+  make_opt: Callable[[], optax.GradientTransformation]
+  kind: str
+  step_kwargs: dict
+
+
+def optimizers(lr: float, steps: int, rho: float, steps_per_epoch: int = 18,
+               epochs: int = 25) -> dict[str, Any]:
   sched = optax.cosine_decay_schedule(lr, steps)
   sgd = lambda: optax.sgd(sched, momentum=0.9, nesterov=False)
+  # SAF/MESA's trajectory term starts after a fifth of training (the paper: epoch 5 of 200+)
+  window = {"steps_per_epoch": steps_per_epoch, "temperature": 5.0,
+            "start_epoch": max(1, epochs // 5)}
   return {
       "sgd": sgd,
       "adamw": lambda: optax.adamw(optax.cosine_decay_schedule(3e-3, steps), weight_decay=1e-4),
@@ -74,7 +88,24 @@ def optimizers(lr: float, steps: int, rho: float) -> dict[str, Callable[[], opta
       "randomized": lambda: optax.chain(so.randomized(so.sharpness_aware(rho), 0.5), sgd()),
       "msam": lambda: so.msam(sgd(), rho=3 * rho),
       "fsam": lambda: optax.chain(so.sharpness_aware(rho, perturbation=so.friendly()), sgd()),
+      # one-pass and parallel variants (issue 13); XLA:CPU runs a vmapped pair of
+      # convolutions as a slower grouped convolution, so SAMPa calls the two apart on CPU
+      "sampa": Recipe(lambda: so.sampa(sgd(), rho, 0.2, vectorize=jax.default_backend() != "cpu"),
+                      "sampa", {}),
+      "esam": Recipe(lambda: optax.chain(so.esam(rho, 0.5), sgd()), "esam", {}),
+      "saf": Recipe(sgd, "saf", {"weight": 0.3, **window}),
+      # the paper's EMA decay 0.9998 suits 100k steps; this run has a few hundred
+      "mesa": Recipe(lambda: optax.chain(sgd(), so.weight_ema(0.99)), "mesa",
+                     {"weight": 0.8, **window}),
   }
+
+
+def _make_step(recipe: Any) -> Callable:
+  if not isinstance(recipe, Recipe):
+    return ft.make_linen_train_step(jit=False)
+  make = {"sampa": ft.make_linen_sampa_train_step, "esam": ft.make_linen_esam_train_step,
+          "saf": ft.make_linen_saf_train_step, "mesa": ft.make_linen_mesa_train_step}[recipe.kind]
+  return make(jit=False, **recipe.step_kwargs)
 
 
 class Run(NamedTuple):
@@ -114,9 +145,13 @@ def train_one(model, make_opt, data, *, epochs, batch_size, seed, progress=None,
   x_tr, y_tr, x_te, y_te = data
   key = jax.random.key(seed)
   variables = model.init({"params": key}, jnp.asarray(x_tr[:2]), train=False)
-  state = ft.TrainState.create(apply_fn=model.apply, params=variables["params"], tx=make_opt(),
-                               batch_stats=variables.get("batch_stats"))
-  step = so.gated_jit(ft.make_linen_train_step(jit=False))
+  saf = isinstance(make_opt, Recipe) and make_opt.kind == "saf"
+  tx = make_opt.make_opt() if isinstance(make_opt, Recipe) else make_opt()
+  extra = {"saf": trajectory.saf_init(len(y_tr), 10, lookback=2)} if saf else {}
+  state = (ft.SAFTrainState if saf else ft.TrainState).create(
+      apply_fn=model.apply, params=variables["params"], tx=tx,
+      batch_stats=variables.get("batch_stats"), **extra)
+  step = so.gated_jit(_make_step(make_opt))
   evaluate = ft.make_linen_eval_step()
   steps_per_epoch = len(y_tr) // batch_size
   history = {k: np.zeros(epochs, np.float32) for k in ("test_accuracy",) + EPOCH_METRICS}
@@ -125,6 +160,7 @@ def train_one(model, make_opt, data, *, epochs, batch_size, seed, progress=None,
 
   def snapshot(epoch_done):
     return {"params": state.params, "opt_state": state.opt_state, "batch_stats": state.batch_stats,
+            **({"saf": state.saf} if saf else {}),
             "step": state.step, "epoch": np.asarray(epoch_done, np.int32),
             "train_s": np.asarray(t_train, np.float32),
             "history": history, "present": np.array([k in present for k in EPOCH_METRICS])}
@@ -134,7 +170,8 @@ def train_one(model, make_opt, data, *, epochs, batch_size, seed, progress=None,
     if found is not None:
       first_epoch, saved = found
       state = state.replace(params=saved["params"], opt_state=saved["opt_state"],
-                            batch_stats=saved["batch_stats"], step=saved["step"])
+                            batch_stats=saved["batch_stats"], step=saved["step"],
+                            **({"saf": saved["saf"]} if saf else {}))
       t_train = float(saved["train_s"])
       history = {k: np.asarray(v) for k, v in saved["history"].items()}
       present = {k for k, on in zip(EPOCH_METRICS, np.asarray(saved["present"]), strict=True) if on}
@@ -152,8 +189,10 @@ def train_one(model, make_opt, data, *, epochs, batch_size, seed, progress=None,
     step_metrics = []
     for i in range(steps_per_epoch):
       idx = order[i * batch_size:(i + 1) * batch_size]
-      state, m = step(state, (jnp.asarray(x_tr[idx]), jnp.asarray(y_tr[idx])),
-                      jax.random.fold_in(key, n_steps))
+      batch = (jnp.asarray(x_tr[idx]), jnp.asarray(y_tr[idx]))
+      if saf:  # SAF reads and writes its logit store by example index
+        batch = (*batch, jnp.asarray(idx, jnp.int32))
+      state, m = step(state, batch, jax.random.fold_in(key, n_steps))
       step_metrics.append({k: m[k] for k in EPOCH_METRICS if k in m})
       n_steps += 1
     jax.block_until_ready(state.params)
@@ -247,7 +286,8 @@ def plot(args, results, plt) -> str:
     ax.set_xlabel("epoch")
     ax.set_ylabel(label)
     ax.grid(alpha=0.3)
-    ax.legend()
+    if ax.get_legend_handles_labels()[0]:
+      ax.legend()
   axes[0].axhline(10, color="gray", linestyle=":", linewidth=1, label="chance (10 classes)")
   axes[0].set_ylim(0, 100)  # the full range: a zoomed axis would exaggerate small gaps
   axes[0].legend()
@@ -272,7 +312,7 @@ def main(argv: list[str] | None = None) -> int:
                       help="the CNN has BatchNorm and dropout; the MLP has dropout only")
   parser.add_argument("--optimizers", default="sgd,sam",
                       help="comma-separated subset of: sgd, adamw, sam, asam, gsam, looksam, "
-                           "randomized, msam, fsam")
+                           "randomized, msam, fsam, sampa, esam, saf, mesa")
   parser.add_argument("--label-noise", type=float, default=0.4,
                       help="share of training labels replaced by another class")
   parser.add_argument("--epochs", type=int, default=25, help="epochs per run")
@@ -302,7 +342,7 @@ def main(argv: list[str] | None = None) -> int:
   load = {"digits": load_digits, "mnist5k": load_mnist5k}[args.dataset]
   n_train = len(load(0, 0.0)[1])
   steps = args.epochs * (n_train // args.batch_size)
-  table = optimizers(args.lr, steps, args.rho)
+  table = optimizers(args.lr, steps, args.rho, n_train // args.batch_size, args.epochs)
   unknown = [n for n in names if n not in table]
   if unknown:
     parser.error(f"unknown optimizer(s) {unknown}; choose from {sorted(table)}")
