@@ -273,15 +273,16 @@ def plot(args, results, plt) -> str:
             ("sharpness", "sharpness estimate L(w+ε) − L(w)", 1.0),
             ("cosine", "cos(g, g_adv)", 1.0)]
   for ax, (key, label, factor) in zip(axes, panels, strict=True):
-    for name, runs in results.items():
+    for i, (name, runs) in enumerate(results.items()):
+      color = f"C{i}"  # one colour per optimizer in every panel
       curves = [r.accs if key == "test_accuracy" else r.history.get(key) for r in runs]
       if any(c is None for c in curves):
         continue  # this optimizer has no second pass: nothing to show
       curves = np.array(curves) * factor
       epochs = np.arange(1, curves.shape[1] + 1)
       mean, std = curves.mean(0), curves.std(0)
-      ax.plot(epochs, mean, label=f"{name} (mean of {len(runs)} seeds)")
-      ax.fill_between(epochs, mean - std, mean + std, alpha=0.2)
+      ax.plot(epochs, mean, label=f"{name} (mean of {len(runs)} seeds)", color=color)
+      ax.fill_between(epochs, mean - std, mean + std, alpha=0.2, color=color)
     ax.xaxis.set_major_locator(plt.MaxNLocator(integer=True))
     ax.set_xlabel("epoch")
     ax.set_ylabel(label)
