@@ -102,6 +102,10 @@ def make_optimizers(lr=0.05, rho=0.05, *, efficient=False):
   opts = {
       "base": base(),
       "sam": so.sam(base(), rho),
+      # telemetry (issue 12): the default records norms and cosine; "_losses" also passes
+      # value_and_grad_fn= and value= so the state holds the clean and perturbed losses
+      "sam_no_telemetry": optax.chain(so.sharpness_aware(rho, telemetry=False), base()),
+      "sam_losses": so.sam(base(), rho),
       "asam": so.asam(base(), 10 * rho),
       "gsam": optax.chain(so.gsam(rho, 0.3), base()),
       "looksam_k5": optax.chain(so.looksam(rho, k=5), base()),
@@ -192,6 +196,14 @@ def build_step(name, opt, loss):
       return optax.apply_updates(p, u), s
     return jax.jit(step, donate_argnums=(0, 1))
 
+  if name.endswith("_losses"):
+    def step(p, s, b):
+      value_and_grad_fn = lambda q: jax.value_and_grad(loss)(q, b)
+      value, g = value_and_grad_fn(p)
+      u, s = opt.update(g, s, p, value_and_grad_fn=value_and_grad_fn, value=value)
+      return optax.apply_updates(p, u), s
+    return so.gated_jit(step, donate_argnums=(0, 1))
+
   def step(p, s, b):
     grad_fn = lambda q: jax.grad(loss)(q, b)
     u, s = opt.update(grad_fn(p), s, p, grad_fn=grad_fn)
@@ -259,7 +271,8 @@ def main():
   ap.add_argument("--batch", type=int, default=128)
   ap.add_argument("--widths", default="", help="MLP width sweep, e.g. 128,512,2048")
   ap.add_argument("--json", default="")
-  ap.add_argument("--only", default="", help="comma-separated subset of the optimizers")
+  ap.add_argument("--only", default="", help="comma-separated optimizer names (base and the peer "
+                                             "are always included)")
   ap.add_argument("--mesh", action="store_true",
                   help="also time SAMPa on 2 simulated CPU devices (re-runs cnn,mlp in a subprocess)")
   args = ap.parse_args()
@@ -281,7 +294,8 @@ def main():
   runs += [("mlp", int(w)) for w in args.widths.split(",") if w]
   for model_name, width in runs:
     key = model_name if model_name != "mlp" or not args.widths else f"mlp_w{width}"
-    res = measure(model_name, args.reps, args.batch, width, only=[n for n in args.only.split(",") if n])
+    res = measure(model_name, args.reps, args.batch, width,
+                  only=[n for n in args.only.split(",") if n] or None)
     out[key] = res
     print(f"\n## {key}")
     print("| optimizer | median ms | × base | × optax.contrib.sam | compile s | temp MiB | arg MiB |")

@@ -42,33 +42,54 @@ def loss_fn(params, x, y):
         h = jnp.tanh(h @ layer["w"] + layer["b"])
     logits = h @ params[-1]["w"] + params[-1]["b"]
     return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()''',
-    "md:The whole integration is the `grad_fn=` keyword:",
+    "md:The whole integration is one keyword of `update`: `grad_fn=` (a closure returning the "
+    "gradient), or `value_and_grad_fn=` with the clean loss as `value=`, which also records the "
+    "loss at the perturbed point. `sam_optax.metrics(state)` reads what the step recorded.",
     '''def make_step(opt):
     @jax.jit
     def step(params, state):
-        grad_fn = lambda p: jax.grad(loss_fn)(p, x, y)
-        loss, grads = jax.value_and_grad(loss_fn)(params, x, y)
-        updates, state = opt.update(grads, state, params, grad_fn=grad_fn)
-        return optax.apply_updates(params, updates), state, loss
+        value_and_grad_fn = lambda p: jax.value_and_grad(loss_fn)(p, x, y)
+        loss, grads = value_and_grad_fn(params)
+        updates, state = opt.update(grads, state, params,
+                                    value_and_grad_fn=value_and_grad_fn, value=loss)
+        return optax.apply_updates(params, updates), state, loss, sam_optax.metrics(state)
     return step
 
 steps = 100 if SMALL else 1500
-curves, solutions = {}, {}
+curves, solutions, telemetry = {}, {}, {}
 for name, opt in {"sgd": optax.sgd(0.1, momentum=0.9),
                   "sam": sam_optax.sam(optax.sgd(0.1, momentum=0.9), rho=0.05)}.items():
-    params, state, step = init(jax.random.key(0)), None, make_step(opt)
+    params, step = init(jax.random.key(0)), make_step(opt)
     state = opt.init(params)
-    losses = []
+    losses, records = [], []
     for _ in range(steps):
-        params, state, loss = step(params, state)
-        losses.append(float(loss))
-    curves[name], solutions[name] = losses, params
+        params, state, loss, m = step(params, state)
+        losses.append(loss)
+        records.append(m)
+    curves[name], solutions[name] = np.asarray(losses), params
+    telemetry[name] = {k: np.asarray([r[k] for r in records]) for k in records[0]}
 plt.figure(figsize=(5, 3))
 for name, c in curves.items():
     plt.semilogy(c, label=name)
 plt.xlabel("step"); plt.ylabel("training loss"); plt.legend(); plt.grid(alpha=0.3)
 plt.show()
-print({k: round(v[-1], 4) for k, v in curves.items()})''',
+print({k: round(float(v[-1]), 4) for k, v in curves.items()})
+print("recorded by SAM:", sorted(telemetry["sam"]), "| by SGD:", sorted(telemetry["sgd"]))''',
+    "md:What SAM sees during training: the loss at the perturbed point next to the clean loss, "
+    "their difference (SAM's one-step sharpness estimate, which it pushes down), and the cosine "
+    "between the clean and the perturbed gradient.",
+    '''t = telemetry["sam"]
+fig, axes = plt.subplots(1, 3, figsize=(13, 3))
+axes[0].semilogy(t["clean_loss"], label="clean L(w)")
+axes[0].semilogy(t["perturbed_loss"], label="perturbed L(w+ε)")
+axes[0].legend()
+axes[1].plot(t["sharpness"]); axes[1].set_title("sharpness estimate L(w+ε) − L(w)")
+axes[2].plot(t["cosine"]); axes[2].set_title("cos(g, g_adv)")
+for ax in axes:
+    ax.set_xlabel("step"); ax.grid(alpha=0.3)
+plt.tight_layout(); plt.show()
+print(f"sharpness estimate: first 10 steps {t['sharpness'][:10].mean():.4f}, "
+      f"last 10 steps {t['sharpness'][-10:].mean():.4f}")''',
     "md:The training losses alone say little about SAM: it minimizes the worst loss in a "
     "neighbourhood rather than the loss at the point. The difference is in the geometry of the "
     "solution, which `sam_optax.sharpness` measures: the largest Hessian eigenvalue of the "

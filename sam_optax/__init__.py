@@ -8,11 +8,14 @@ Perturbation geometries are small transformations (:func:`l2`,
 """
 
 from sam_optax._src.aliases import asam, sam
+from sam_optax._src.bayes import BayesianSAMState, bsam, bsam_posterior, bsam_sample
 from sam_optax._src.core import SharpnessAwareState, Telemetry, sharpness_aware
 from sam_optax._src.distributed import local_params
 from sam_optax._src.esam import ESAMState, esam
+from sam_optax._src.finite import apply_if_finite
 from sam_optax._src.gating import gated_jit
 from sam_optax._src.parallel import SAMPaState, sampa
+from sam_optax._src.penalty import GradientNormPenaltyState, gradient_norm_penalty
 from sam_optax._src.perturbations import (
     AdaptiveState,
     FriendlyState,
@@ -38,6 +41,7 @@ from sam_optax._src.perturbations import (
     variance_suppressed,
 )
 from sam_optax._src.telemetry import metrics
+from sam_optax._src.universal import UniversalSAMState, det_sam, frob_sam, trace_sam
 from sam_optax._src.variants import (
     AdaptivePolicyState,
     GSAMState,
@@ -59,9 +63,11 @@ __version__ = "0.1.0"
 __all__ = (
     "AdaptivePolicyState",
     "AdaptiveState",
+    "BayesianSAMState",
     "ESAMState",
     "FriendlyState",
     "GSAMState",
+    "GradientNormPenaltyState",
     "LookSAMState",
     "MaskedState",
     "MomentumSAMState",
@@ -73,15 +79,23 @@ __all__ = (
     "SparseState",
     "StochasticState",
     "Telemetry",
+    "UniversalSAMState",
     "VarianceSuppressedState",
     "WeightEMAState",
     "adaptive",
     "adaptive_policy",
+    "apply_if_finite",
     "asam",
+    "bsam",
+    "bsam_posterior",
+    "bsam_sample",
+    "det_sam",
     "esam",
     "fisher",
     "friendly",
+    "frob_sam",
     "gated_jit",
+    "gradient_norm_penalty",
     "gsam",
     "kernel_mask",
     "l2",
@@ -102,6 +116,7 @@ __all__ = (
     "sharpness_aware",
     "sparse",
     "stochastic",
+    "trace_sam",
     "unnormalized",
     "variance_suppressed",
     "weight_ema",

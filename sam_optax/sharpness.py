@@ -61,7 +61,15 @@ def _random_like(key, tree, rademacher=False):
 
 
 def hessian_vector_product(loss_fn: LossFn, params: PyTree, v: PyTree) -> PyTree:
-  r""":math:`H v` with :math:`H = \nabla^2 L(w)`, forward-over-reverse (``jvp`` of ``grad``)."""
+  r""":math:`H v` with :math:`H = \nabla^2 L(w)`, forward-over-reverse (``jvp`` of ``grad``).
+
+  Example:
+    >>> import jax.numpy as jnp, numpy as np
+    >>> from sam_optax import sharpness
+    >>> loss = lambda w: 0.5 * (3.0 * w[0] ** 2 + w[1] ** 2)   # H = diag(3, 1)
+    >>> print(np.asarray(sharpness.hessian_vector_product(loss, jnp.zeros(2), jnp.ones(2))))
+    [3. 1.]
+  """
   return jax.jvp(jax.grad(loss_fn), (params,), (tu.cast_like(v, params),))[1]
 
 
@@ -83,6 +91,14 @@ def hessian_top_eigenvalue(loss_fn: LossFn, params: PyTree, *, num_iters: int = 
   Returns:
     ``(eigenvalue, eigenvector)``: a float32 scalar (signed) and a unit-norm
     pytree shaped like ``params``.
+
+  Example:
+    >>> import jax.numpy as jnp, numpy as np
+    >>> from sam_optax import sharpness
+    >>> loss = lambda w: 0.5 * (3.0 * w[0] ** 2 + w[1] ** 2)   # H = diag(3, 1)
+    >>> eig, vec = sharpness.hessian_top_eigenvalue(loss, jnp.zeros(2), num_iters=30)
+    >>> round(float(eig), 4), np.round(np.abs(np.asarray(vec)), 4).tolist()
+    (3.0, [1.0, 0.0])
 
   References:
     Yao, Gholami, Keutzer, Mahoney, `PyHessian: Neural Networks Through the Lens
@@ -107,6 +123,13 @@ def hessian_trace(loss_fn: LossFn, params: PyTree, *, num_samples: int = 100,
                   key: jax.Array | None = None, unroll: int | bool = 1) -> jax.Array:
   r"""Hutchinson's estimate :math:`\mathrm{tr}(H) \approx \frac1n\sum_i z_i^\top H z_i`,
   Rademacher probes :math:`z_i`.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from sam_optax import sharpness
+    >>> loss = lambda w: 0.5 * (3.0 * w[0] ** 2 + w[1] ** 2)   # H = diag(3, 1)
+    >>> round(float(sharpness.hessian_trace(loss, jnp.zeros(2), num_samples=8)), 4)
+    4.0
 
   References:
     Hutchinson, `A stochastic estimator of the trace of the influence matrix for
@@ -137,6 +160,17 @@ def hessian_spectrum(loss_fn: LossFn, params: PyTree, *, num_iters: int = 30, nu
 
   Returns:
     ``{'nodes': (probes, m), 'weights': (probes, m), 'grid': (G,), 'density': (G,)}``.
+
+  Example:
+    >>> import jax.numpy as jnp, numpy as np
+    >>> from sam_optax import sharpness
+    >>> loss = lambda w: 0.5 * jnp.sum(jnp.array([3.0, 1.0, 1.0]) * w ** 2)   # eigenvalues 3, 1, 1
+    >>> spec = sharpness.hessian_spectrum(loss, jnp.zeros(3), num_iters=3)
+    >>> nodes = np.asarray(spec["nodes"][0])    # Lanczos recovers the distinct eigenvalues
+    >>> sorted({round(float(x), 3) for x in nodes if abs(x) > 1e-3})
+    [1.0, 3.0]
+    >>> spec["grid"].shape == spec["density"].shape
+    True
 
   References:
     Ghorbani, Krishnan, Xiao, `An Investigation into Neural Net Optimization via
@@ -198,6 +232,14 @@ def max_sharpness(loss_fn: LossFn, params: PyTree, rho: float, *,
   (so a stationary point does not stall it); the best loss seen is returned.
   Default step size :math:`s = \rho`. A lower bound on the true maximum.
 
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from sam_optax import sharpness
+    >>> loss = lambda w: 0.5 * (3.0 * w[0] ** 2 + w[1] ** 2)
+    >>> s = sharpness.max_sharpness(loss, jnp.zeros(2), rho=0.1)   # at the minimum: rho^2 lambda_max / 2
+    >>> round(float(s), 5)
+    0.015
+
   References:
     Foret et al., `Sharpness-Aware Minimization
     <https://arxiv.org/abs/2010.01412>`_, ICLR 2021 (sharpness definition);
@@ -242,6 +284,16 @@ def m_sharpness(loss_fn_of_batch: Callable[[PyTree, PyTree], jax.Array], params:
   ``m``; ``loss_fn_of_batch(params, group)`` is the loss on one group.
   ``kwargs`` go to :func:`max_sharpness`. Groups are evaluated with ``lax.map``.
 
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from sam_optax import sharpness
+    >>> x = jnp.array([[1.0, 0.0], [0.0, 1.0], [1.0, 0.0], [0.0, 1.0]])
+    >>> loss = lambda w, xb: 0.5 * jnp.mean((xb @ w) ** 2)    # zero loss at w = 0
+    >>> m1 = sharpness.m_sharpness(loss, jnp.zeros(2), x, rho=0.1, m=1)   # one example per group
+    >>> m4 = sharpness.m_sharpness(loss, jnp.zeros(2), x, rho=0.1, m=4)   # the whole batch
+    >>> round(float(m1), 5), round(float(m4), 5)   # rho^2/2 * top eigenvalue of each group's Hessian
+    (0.005, 0.0025)
+
   References:
     Foret et al., ICLR 2021, Section 4 (m-sharpness); Andriushchenko &
     Flammarion, `Towards Understanding Sharpness-Aware Minimization
@@ -265,6 +317,16 @@ def ascent_gap(loss_fn: LossFn, params: PyTree, rho: float, *,
   1 means the first-order step finds the worst case; the literature reports
   that it degrades during training. Zero when the point is flat (denominator 0).
   ``kwargs`` go to :func:`max_sharpness`.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from sam_optax import sharpness
+    >>> loss = lambda w: 0.5 * (3.0 * w[0] ** 2 + w[1] ** 2)
+    >>> round(float(sharpness.ascent_gap(loss, jnp.array([1.0, 0.0]), rho=0.1)), 4)  # g along the top eigenvector
+    1.0
+    >>> # small g along the flat direction: one step gains 0.006, the worst case 0.015025
+    >>> round(float(sharpness.ascent_gap(loss, jnp.array([0.0, 0.01]), rho=0.1)), 3)
+    0.399
   """
   perturbation = pert.l2() if perturbation is None else perturbation
   d, _ = optax.with_extra_args_support(perturbation).update(
@@ -283,6 +345,14 @@ def filter_normalized_direction(params: PyTree, key: jax.Array, *, ignore_1d: bo
   :math:`d_i \leftarrow d_i \|w_i\|/\|d_i\|`; leaves of rank <= 1 (biases,
   norm scales) get 0 when ``ignore_1d`` (as Li et al.) and are rescaled as a
   whole otherwise.
+
+  Example:
+    >>> import jax, jax.numpy as jnp
+    >>> from sam_optax import sharpness
+    >>> params = {"kernel": jnp.full((4, 2), 2.0), "bias": jnp.ones(2)}
+    >>> d = sharpness.filter_normalized_direction(params, jax.random.key(0))
+    >>> jnp.linalg.norm(d["kernel"], axis=0).round(4).tolist(), d["bias"].tolist()  # |d_i| = |w_i| = 4
+    ([4.0, 4.0], [0.0, 0.0])
 
   References:
     Li, Xu, Taylor, Studer, Goldstein, `Visualizing the Loss Landscape of Neural
@@ -317,6 +387,15 @@ def loss_landscape_1d(loss_fn: LossFn, params: PyTree, *, direction: PyTree | No
   Returns:
     ``(alphas, losses)``.
 
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from sam_optax import sharpness
+    >>> loss = lambda w: jnp.sum(w ** 2)
+    >>> alphas, losses = sharpness.loss_landscape_1d(loss, jnp.zeros(2), direction=jnp.array([1.0, 1.0]),
+    ...                                              alphas=jnp.array([-1.0, 0.0, 0.5]))
+    >>> losses.tolist()   # 2 alpha^2
+    [2.0, 0.0, 0.5]
+
   References:
     Li et al., `Visualizing the Loss Landscape of Neural Nets
     <https://arxiv.org/abs/1712.09913>`_, NeurIPS 2018; Goodfellow, Vinyals,
@@ -340,6 +419,16 @@ def loss_landscape_2d(loss_fn: LossFn, params: PyTree, *, directions: tuple[PyTr
 
   Returns:
     ``(alphas, betas, losses)`` with ``losses[i, j]`` at ``(alphas[i], betas[j])``.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from sam_optax import sharpness
+    >>> loss = lambda w: w[0] ** 2 + 3.0 * w[1] ** 2
+    >>> a, b, losses = sharpness.loss_landscape_2d(
+    ...     loss, jnp.zeros(2), directions=(jnp.array([1.0, 0.0]), jnp.array([0.0, 1.0])),
+    ...     alphas=jnp.array([0.0, 1.0]), betas=jnp.array([0.0, 1.0, 2.0]))
+    >>> losses.tolist()   # alpha^2 + 3 beta^2
+    [[0.0, 3.0, 12.0], [1.0, 4.0, 13.0]]
 
   References:
     Li et al., `Visualizing the Loss Landscape of Neural Nets
@@ -370,7 +459,17 @@ def _axes(ax):
 
 
 def plot_landscape_1d(curves: dict[str, tuple[Any, Any]], ax=None, *, xlabel: str = r"$\alpha$"):
-  """One axis, one line per solution: ``curves = {name: (alphas, losses)}``. Returns the axes."""
+  """One axis, one line per solution: ``curves = {name: (alphas, losses)}``. Returns the axes.
+
+  Example:
+    >>> import jax.numpy as jnp, matplotlib
+    >>> matplotlib.use("Agg")
+    >>> from sam_optax import sharpness
+    >>> curve = sharpness.loss_landscape_1d(lambda w: jnp.sum(w ** 2), jnp.ones(3))
+    >>> ax = sharpness.plot_landscape_1d({"w = 1": curve})
+    >>> ax.get_ylabel(), len(ax.get_lines())
+    ('loss', 1)
+  """
   ax = _axes(ax)
   for name, (a, loss) in curves.items():
     ax.plot(np.asarray(a), np.asarray(loss), label=name)
@@ -382,7 +481,18 @@ def plot_landscape_1d(curves: dict[str, tuple[Any, Any]], ax=None, *, xlabel: st
 
 
 def plot_landscape_2d(alphas, betas, losses, ax=None, *, levels: int = 30, log: bool = True):
-  """Contour plot of :func:`loss_landscape_2d`'s output. Returns the axes."""
+  """Contour plot of :func:`loss_landscape_2d`'s output. Returns the axes.
+
+  Example:
+    >>> import jax.numpy as jnp, matplotlib
+    >>> matplotlib.use("Agg")
+    >>> from sam_optax import sharpness
+    >>> params = jnp.ones((2, 2))
+    >>> ax = sharpness.plot_landscape_2d(*sharpness.loss_landscape_2d(
+    ...     lambda w: jnp.sum(w ** 2), params, alphas=jnp.linspace(-1, 1, 9)))
+    >>> ax.get_title()
+    'log loss'
+  """
   ax = _axes(ax)
   z = np.asarray(losses)
   z = np.log(np.maximum(z, 1e-12)) if log else z
@@ -395,7 +505,17 @@ def plot_landscape_2d(alphas, betas, losses, ax=None, *, levels: int = 30, log: 
 
 
 def plot_spectrum(spectrum: dict[str, Any], ax=None, *, label: str | None = None):
-  """Eigenvalue density from :func:`hessian_spectrum` (log scale). Returns the axes."""
+  """Eigenvalue density from :func:`hessian_spectrum` (log scale). Returns the axes.
+
+  Example:
+    >>> import jax.numpy as jnp, matplotlib
+    >>> matplotlib.use("Agg")
+    >>> from sam_optax import sharpness
+    >>> spec = sharpness.hessian_spectrum(lambda w: jnp.sum(jnp.arange(1.0, 5.0) * w ** 2), jnp.ones(4))
+    >>> ax = sharpness.plot_spectrum(spec, label="quadratic")
+    >>> ax.get_xlabel(), ax.get_yscale()
+    ('eigenvalue', 'log')
+  """
   ax = _axes(ax)
   ax.semilogy(np.asarray(spectrum["grid"]), np.asarray(spectrum["density"]) + 1e-12, label=label)
   ax.set_xlabel("eigenvalue")

@@ -128,6 +128,12 @@ class SAFState(NamedTuple):
       never), so an example not seen in the epoch :math:`\tilde E` back (the
       last, partial batch of an epoch is often dropped) gets no reference
       instead of a stale or empty one.
+
+  Example:
+    >>> from sam_optax import trajectory
+    >>> s = trajectory.saf_init(100, 10, lookback=2)
+    >>> s.logits.shape, s.epochs.shape, int(s.epochs.min())
+    ((100, 3, 10), (100, 3), -1)
   """
   logits: jax.Array
   epochs: jax.Array
@@ -203,6 +209,14 @@ def saf_update(state: SAFState, indices: jax.Array, logits: jax.Array, epoch: An
   """Writes the examples' current logits into the slot of ``epoch`` (no gradient).
 
   Each example should appear once per batch (duplicates write one of their rows).
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from sam_optax import trajectory
+    >>> s = trajectory.saf_init(4, 2, lookback=1)
+    >>> s = trajectory.saf_update(s, jnp.array([1, 2]), jnp.ones((2, 2)), epoch=3)
+    >>> s.logits[:, 1].tolist(), s.epochs[:, 1].tolist()   # epoch 3 writes slot 3 % 2
+    ([[0.0, 0.0], [1.0, 1.0], [1.0, 1.0], [0.0, 0.0]], [-1, 3, 3, -1])
   """
   slot = jnp.asarray(epoch, jnp.int32) % state.logits.shape[1]
   indices = jnp.asarray(indices)
@@ -304,6 +318,12 @@ class WeightEMAState(NamedTuple):
     count: int32 number of updates seen.
     ema: the moving average of the weights (float32 for bf16/fp16/float32
       params, float64 for float64 ones).
+
+  Example:
+    >>> import jax.numpy as jnp, sam_optax
+    >>> state = sam_optax.weight_ema(0.99).init(jnp.ones(2, jnp.bfloat16))
+    >>> isinstance(state, sam_optax.WeightEMAState), state.ema.dtype.name
+    (True, 'float32')
   """
   count: jax.Array
   ema: PyTree
@@ -357,8 +377,9 @@ def weight_ema(decay: float = 0.9998) -> optax.GradientTransformationExtraArgs:
   def init(params):
     if params is None:
       raise ValueError("`weight_ema.init(params)` needs the parameters, not None.")
+    # a copy even when the dtype is unchanged: the state must not alias the params (donation)
     return WeightEMAState(jnp.zeros([], jnp.int32),
-                          jax.tree.map(lambda w: jnp.asarray(w).astype(_ema_dtype(w)), params))
+                          jax.tree.map(lambda w: jnp.array(w, dtype=_ema_dtype(w), copy=True), params))
 
   def update(updates, state, params=None, **extra_args):
     del extra_args
@@ -384,6 +405,14 @@ def ema_params(opt_state: optax.OptState, like: PyTree | None = None) -> PyTree:
 
   Returns:
     The averaged weights.
+
+  Example:
+    >>> import jax.numpy as jnp, optax, sam_optax
+    >>> from sam_optax import trajectory
+    >>> opt = optax.chain(optax.inject_hyperparams(optax.sgd)(learning_rate=0.1),
+    ...                   sam_optax.weight_ema(0.9))
+    >>> trajectory.ema_params(opt.init(jnp.zeros(2))).tolist()
+    [0.0, 0.0]
   """
   found = []
   jax.tree_util.tree_leaves(

@@ -50,13 +50,24 @@ TRANSFORMS = {
     "randomized": lambda rho=0.05: so.randomized(so.sharpness_aware(rho), 0.5),
     "adaptive_policy": lambda rho=0.05: so.adaptive_policy(so.sharpness_aware(rho),
                                                            total_steps=10),
+    "gradient_norm_penalty": lambda rho=0.1: so.gradient_norm_penalty(rho, 0.8),
+    "trace_sam": lambda rho=0.01: so.trace_sam(rho, num_samples=2),
+    "trace_sam_sphere": lambda rho=0.01: so.trace_sam(rho, distribution="sphere"),
+    "det_sam": lambda rho=1.0: so.det_sam(rho, num_samples=2),
+    "frob_sam": lambda rho=0.005: so.frob_sam(rho),
 }
+# Rows whose transformation needs the losses: the contract calls them with
+# `value_and_grad_fn=` and the clean `value=` instead of `grad_fn=` (and does not pass
+# `value` as an "unused" extra argument, since they use it).
+NEEDS_LOSS = {"det_sam", "frob_sam"}
 OPTIMIZERS = {name: (lambda f=f: optax.chain(f(), SGD())) for name, f in TRANSFORMS.items()}
 OPTIMIZERS["sam"] = lambda: so.sam(SGD())
 OPTIMIZERS["asam"] = lambda: so.asam(SGD())
 OPTIMIZERS["asam_kernels_only"] = lambda: so.asam(SGD(), kernels_only=True)
 OPTIMIZERS["msam"] = lambda: so.msam(SGD())
 OPTIMIZERS["msam_adamw"] = lambda: so.msam(optax.adamw(1e-3), rho=1.0)
+OPTIMIZERS["apply_if_finite"] = lambda: so.apply_if_finite(so.sam(SGD()))
+OPTIMIZERS["bsam"] = lambda: so.bsam(0.05, num_data=32)
 OPTIMIZERS["sampa"] = lambda: so.sampa(SGD())
 OPTIMIZERS["sampa_unvectorized"] = lambda: so.sampa(SGD(), vectorize=False)
 OPTIMIZERS["esam"] = lambda: optax.chain(so.esam(), SGD())
@@ -67,19 +78,27 @@ OPTIMIZERS["weight_ema"] = lambda: optax.chain(SGD(), so.weight_ema(0.9))
 def test_table_covers_every_exported_transformation():
   exported = {n for n in so.__all__ if n[0].islower()}
   helpers = {"gated_jit", "kernel_mask", "normalization_mask", "make_perturbation", "local_params",
-             "msam_clean_params", "rho_schedule_from_lr", "masked", "metrics"}
+             "msam_clean_params", "rho_schedule_from_lr", "masked", "metrics", "bsam_posterior",
+             "bsam_sample"}
   covered = set(TRANSFORMS) | set(OPTIMIZERS) | {"masked"}
   assert exported - helpers - covered == set()
 
 
-def run_steps(opt, params, n=3, dtype=None, extra=None, zero=False):
+def run_steps(opt, params, n=3, dtype=None, extra=None, zero=False, name=None):
   traces = []
 
   @jax.jit
   def step(p, s, batch):
     traces.append(1)
     grad_fn = lambda q: jax.tree.map(lambda g: g * 0 if zero else g, jax.grad(mlp_loss)(q, batch))
-    u, s = opt.update(grad_fn(p), s, p, grad_fn=grad_fn,
+    if name in NEEDS_LOSS:
+      def vg(q):
+        loss, g = jax.value_and_grad(mlp_loss)(q, batch)
+        return loss, jax.tree.map(lambda x: x * 0 if zero else x, g)
+      kw = {"value_and_grad_fn": vg, "value": mlp_loss(p, batch)}
+    else:
+      kw = {"grad_fn": grad_fn}
+    u, s = opt.update(grad_fn(p), s, p, **kw,
                       per_example_loss_fn=lambda q: mlp_example_losses(q, batch), **(extra or {}))
     return optax.apply_updates(p, u), s, u
 
@@ -102,32 +121,41 @@ def test_contract(name):
   opt = OPTIMIZERS[name]()
 
   # compiles once; state structure, shapes and dtypes stable
-  p_plain, states, updates, traces = run_steps(opt, params, n=4)
+  p_plain, states, updates, traces = run_steps(opt, params, n=4, name=name)
   assert traces == 1
   for s in states[1:]:
     assert signature(s) == signature(states[0])
   assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(p_plain))
   assert not np.allclose(jax.tree.leaves(p_plain)[0], jax.tree.leaves(params)[0])
 
+  # an eagerly built state can be donated (no array appears twice in it)
+  donated = jax.jit(lambda p, s: opt.update(
+      jax.grad(mlp_loss)(p, make_data(0)), s, p, grad_fn=lambda q: jax.grad(mlp_loss)(q, make_data(0)),
+      per_example_loss_fn=lambda q: mlp_example_losses(q, make_data(0))), donate_argnums=1)
+  leaves = jax.tree.leaves(opt.init(params))
+  assert len({id(x) for x in leaves}) == len(leaves)
+  donated(params, opt.init(params))
+
   # unused extra keyword arguments are accepted and ignored
-  p_extra, _, _, _ = run_steps(opt, params, n=4, extra={"value": jnp.ones(()), "foo": "bar"})
+  extra = {"foo": "bar"} if name in NEEDS_LOSS else {"value": jnp.ones(()), "foo": "bar"}
+  p_extra, _, _, _ = run_steps(opt, params, n=4, extra=extra, name=name)
   for a, b in zip(jax.tree.leaves(p_plain), jax.tree.leaves(p_extra), strict=False):
     np.testing.assert_array_equal(a, b)
 
   # zero gradient: finite, no NaN
-  p_zero, z_states, _, _ = run_steps(opt, params, n=2, zero=True)
+  p_zero, z_states, _, _ = run_steps(opt, params, n=2, zero=True, name=name)
   assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves((p_zero, z_states)))
 
   # bf16 params keep their dtype
   p16 = jax.tree.map(lambda x: x.astype(jnp.bfloat16), params)
-  p16_out, s16, u16, _ = run_steps(opt, p16, n=2)
+  p16_out, s16, u16, _ = run_steps(opt, p16, n=2, name=name)
   assert all(x.dtype == jnp.bfloat16 for x in jax.tree.leaves(p16_out))
   assert all(x.dtype == jnp.bfloat16 for x in jax.tree.leaves(u16[-1]))
   assert signature(s16[-1]) == signature(s16[0])
 
   # MultiSteps: accumulate 2 micro-batches; params move only every 2nd call
   ms = optax.MultiSteps(opt, every_k_schedule=2)
-  p_ms, ms_states, ms_updates, traces = run_steps(ms, params, n=4)
+  p_ms, ms_states, ms_updates, traces = run_steps(ms, params, n=4, name=name)
   assert traces == 1
   assert all(np.all(np.asarray(x) == 0) for x in jax.tree.leaves(ms_updates[0]))
   assert any(np.any(np.asarray(x) != 0) for x in jax.tree.leaves(ms_updates[1]))
@@ -136,8 +164,10 @@ def test_contract(name):
   guarded = optax.apply_if_finite(opt, max_consecutive_errors=3)
   state = guarded.init(params)
   nan_grads = jax.tree.map(lambda x: jnp.full_like(x, jnp.nan), params)
+  nan_kw = ({"value_and_grad_fn": lambda q: (jnp.float32(jnp.nan), nan_grads)}
+            if name in NEEDS_LOSS else {"grad_fn": lambda q: nan_grads})
   u, new_state = jax.jit(lambda s: guarded.update(
-      nan_grads, s, params, grad_fn=lambda q: nan_grads,
+      nan_grads, s, params, **nan_kw,
       per_example_loss_fn=lambda q: jnp.full((4,), jnp.nan)))(state)
   assert all(np.all(np.asarray(x) == 0) for x in jax.tree.leaves(u))
   assert int(new_state.notfinite_count) == 1
@@ -158,10 +188,15 @@ def test_inject_hyperparams_rho(name):
   tx = optax.inject_hyperparams(factory)(rho=0.0)
   traces = []
 
+  kw = {"grad_fn": grad_fn}
+  if name in NEEDS_LOSS:
+    kw = {"value_and_grad_fn": lambda q: jax.value_and_grad(mlp_loss)(q, batch),
+          "value": mlp_loss(params, batch)}
+
   @jax.jit
   def update(s):
     traces.append(1)
-    return tx.update(grad_fn(params), s, params, grad_fn=grad_fn)
+    return tx.update(grad_fn(params), s, params, **kw)
 
   state = tx.init(params)
   out0, _ = update(state)

@@ -9,7 +9,7 @@ from sam_optax._src import perturbations as pert
 
 
 def sam(base_optimizer: optax.GradientTransformation, rho: core.ScalarOrSchedule = 0.05, *,
-        ascent_steps: int = 1, axis_name: str | tuple[str, ...] | None = None
+        ascent_steps: int | None = None, axis_name: str | tuple[str, ...] | None = None
         ) -> optax.GradientTransformationExtraArgs:
   r"""SAM: ``optax.chain(sharpness_aware(rho), base_optimizer)``.
 
@@ -40,6 +40,16 @@ def asam(base_optimizer: optax.GradientTransformation, rho: core.ScalarOrSchedul
   ``kernels_only=True`` reproduces the official code, which rescales only
   weight tensors (biases and norm scales get T = 1): it perturbs kernels with
   the adaptive geometry and the other leaves with plain L2 jointly normalized.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, optax, sam_optax
+    >>> grad_fn = jax.grad(lambda w: jnp.sum(w ** 4))
+    >>> w = jnp.array([1.0, -2.0])
+    >>> opt = sam_optax.asam(optax.sgd(0.1), rho=0.5, eta=0.01)
+    >>> updates, _ = opt.update(grad_fn(w), opt.init(w), w, grad_fn=grad_fn)
+    >>> g, t = grad_fn(w), jnp.abs(w) + 0.01   # by hand: eps = rho T^2 g / |T g|
+    >>> bool(jnp.allclose(updates, -0.1 * grad_fn(w + 0.5 * t**2 * g / jnp.linalg.norm(t * g))))
+    True
 
   References:
     Kwon et al., `ASAM: Adaptive Sharpness-Aware Minimization for

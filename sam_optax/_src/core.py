@@ -14,7 +14,12 @@ import optax
 from sam_optax._src import distributed
 from sam_optax._src import perturbations as pert
 from sam_optax._src import tree as tu
-from sam_optax._src.validation import check_int, check_real, check_static_int, check_transform
+from sam_optax._src.validation import (  # noqa: F401 (check_int, check_transform: re-exported)
+    check_int,
+    check_real,
+    check_static_int,
+    check_transform,
+)
 
 PyTree = Any
 ScalarOrSchedule = float | jax.Array | Callable[[jax.Array], jax.Array]
@@ -52,8 +57,9 @@ _FLOAT_FIELDS = ("clean_grad_norm", "perturbation_norm", "perturbed_grad_norm", 
 
 
 def empty_telemetry() -> Telemetry:
-  z, i = jnp.zeros([], jnp.float32), jnp.zeros([], jnp.int32)
-  return Telemetry(z, z, z, z, z, z, i, i)
+  # one buffer per field: a state holding the same array twice cannot be donated
+  return Telemetry(*(jnp.zeros([], jnp.float32) for _ in _FLOAT_FIELDS),
+                   jnp.zeros([], jnp.int32), jnp.zeros([], jnp.int32))
 
 
 def make_telemetry(g: PyTree, delta: PyTree | None, g_adv: PyTree, clean_loss: Any,
@@ -86,6 +92,12 @@ class SharpnessAwareState(NamedTuple):
       PRNG keys, masks; ``EmptyState`` for stateless ones).
     telemetry: a :class:`Telemetry` of the last step (``None`` when built with
       ``telemetry=False``).
+
+  Example:
+    >>> import jax.numpy as jnp, sam_optax
+    >>> state = sam_optax.sharpness_aware(0.05).init({"w": jnp.ones(3)})
+    >>> isinstance(state, sam_optax.SharpnessAwareState), int(state.count)
+    (True, 0)
   """
   count: jax.Array
   perturbation_state: optax.OptState
@@ -205,7 +217,7 @@ def _describe_mismatch(got: PyTree, like: PyTree, what: str, fn: str) -> None:
 
 def perturbed_gradient(
     oracle: GradientOracle, params: PyTree, direction: PyTree, radius: jax.Array, *,
-    ascent_steps: int = 1, perturbation: optax.GradientTransformation | None = None,
+    ascent_steps: int | None = None, perturbation: optax.GradientTransformation | None = None,
     perturbation_state: Any = None, extra_args: dict | None = None,
     ) -> tuple[Any, PyTree, PyTree]:
   """``(loss, gradient, delta)`` at ``params + delta`` after ``ascent_steps`` steps.
@@ -243,6 +255,22 @@ _ORDER_MESSAGE = (
     "`sam_optax.sam(base, rho)`), not `optax.chain(<base optimizer>, sharpness_aware(rho))`.")
 
 
+def guard_cosine(g: PyTree, g_adv: PyTree, eps: float = 1e-12, budget: int = 4096) -> jax.Array:
+  """cos(g, g_adv) over the smallest leaves only (at least one, at most ``budget``
+  entries beyond the first): enough to see the sign flip of a chain in the wrong order,
+  and cheap to keep alive through the second pass, unlike a full copy of g."""
+  leaves = jax.tree.leaves(g)
+  order = sorted(range(len(leaves)), key=lambda i: leaves[i].size)
+  keep, total = [], 0
+  for i in order:
+    if keep and total + leaves[i].size > budget:
+      break
+    keep.append(i)
+    total += leaves[i].size
+  adv = jax.tree.leaves(g_adv)
+  return tu.cosine([leaves[i] for i in keep], [adv[i] for i in keep], eps)
+
+
 def order_guard(fn: str) -> Callable[[jax.Array, jax.Array], None]:
   """A check, once per transformation instance, that ``updates`` is the loss gradient.
 
@@ -274,7 +302,7 @@ def sharpness_aware(
     rho: ScalarOrSchedule = 0.05, *,
     perturbation: optax.GradientTransformation | None = None,
     eps: float = 1e-12,
-    ascent_steps: int = 1,
+    ascent_steps: int | None = None,
     axis_name: str | tuple[str, ...] | None = None,
     telemetry: bool = True,
 ) -> optax.GradientTransformationExtraArgs:
@@ -298,7 +326,7 @@ def sharpness_aware(
       other geometries.
     eps: norms at or below this count as zero, so a zero gradient gives
       :math:`\epsilon = 0` and a finite result (used by the default ``l2``).
-    ascent_steps: K >= 1 gradient evaluations per update: K - 1 extra ascent
+    ascent_steps: K >= 1 (None: 1) gradient evaluations per update: K - 1 extra ascent
       steps :math:`\delta \leftarrow \Pi_\rho(\delta + (\rho/K)\, d(w+\delta))`
       before the final gradient; K = 1 is SAM.
     axis_name: for per-device perturbation (m-sharpness) inside ``shard_map`` or
@@ -337,6 +365,9 @@ def sharpness_aware(
   """
   check_rho(rho)
   pert._check_nonneg("eps", eps, "sharpness_aware", "use a small positive value such as 1e-12.")
+  # None means 1: a default of None keeps `optax.inject_hyperparams(sharpness_aware)`
+  # from turning this structural int into a traced hyperparameter.
+  ascent_steps = 1 if ascent_steps is None else ascent_steps
   check_static_int("ascent_steps", ascent_steps, "sharpness_aware", hint="1 is SAM")
   ascent_steps = int(ascent_steps)
   check_axis_name(axis_name, "sharpness_aware")
@@ -378,7 +409,7 @@ def sharpness_aware(
                                     for f in _FLOAT_FIELDS})
       guard(state.count, record.cosine)
     else:
-      guard(state.count, tu.cosine(updates, g_local, eps))
+      guard(state.count, guard_cosine(updates, g_local, eps))
     return g_adv, SharpnessAwareState(optax.safe_increment(state.count), p_state, record)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)

@@ -18,6 +18,23 @@ def local_params(params: PyTree, axis_name: str | tuple[str, ...]) -> PyTree:
   (m-sharpness) would silently become global SAM. Differentiating with respect
   to ``local_params(params, axis)`` keeps each device's gradient local. A no-op
   under ``check_vma=False`` and ``pmap``, where gradients are local already.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, sam_optax
+    >>> from jax.sharding import NamedSharding, PartitionSpec as P
+    >>> n = len(jax.devices())
+    >>> mesh = jax.make_mesh((n,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+    >>> loss = lambda w, x: jnp.mean((x @ w) ** 2)
+    >>> def local_grad(w, x):  # each device: the gradient on its own shard only
+    ...   return jax.grad(loss)(sam_optax.local_params(w, "data"), x)[None]
+    >>> f = jax.jit(jax.shard_map(local_grad, mesh=mesh, in_specs=(P(), P("data")),
+    ...                           out_specs=P("data")))
+    >>> w, x = jnp.ones(3), jnp.arange(6.0 * n).reshape(-1, 3)
+    >>> by_hand = jnp.stack([jax.grad(loss)(w, s) for s in x.reshape(n, -1, 3)])
+    >>> out = f(jax.device_put(w, NamedSharding(mesh, P())),
+    ...         jax.device_put(x, NamedSharding(mesh, P("data"))))
+    >>> bool(jnp.allclose(out, by_hand))
+    True
   """
   def cast(x):
     try:

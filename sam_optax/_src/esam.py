@@ -35,6 +35,12 @@ class ESAMState(NamedTuple):
       :math:`w + \\epsilon` over the whole batch (both come from passes that run
       anyway), and ``perturbed_grad_norm`` is the norm of the selected
       examples' gradient.
+
+  Example:
+    >>> import jax.numpy as jnp, sam_optax
+    >>> state = sam_optax.esam().init(jnp.ones(2))
+    >>> isinstance(state, sam_optax.ESAMState), int(state.count)
+    (True, 0)
   """
   count: jax.Array
   perturbation_state: optax.OptState

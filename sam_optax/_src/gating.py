@@ -52,10 +52,10 @@ def gate(pred: jax.Array, true_fn: Callable, false_fn: Callable, *operands,
   return jax.lax.cond(pred, true_fn, false_fn, *operands)
 
 
-_DECIDERS: dict[type, Callable[[Any], jax.Array]] = {}
+_DECIDERS: dict[type, Callable[[Any], jax.Array | bool]] = {}
 
 
-def register_gate(state_type: type, decide: Callable[[Any], jax.Array]) -> None:
+def register_gate(state_type: type, decide: Callable[[Any], jax.Array | bool]) -> None:
   """Declares that ``decide(state)`` gives the next step's gate decision."""
   _DECIDERS[state_type] = decide
 
@@ -91,6 +91,22 @@ def gated_jit(step: Callable, *, host_gating: bool | None = None, **jit_kwargs) 
 
   Returns:
     A callable with the signature of ``step``.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, optax, sam_optax
+    >>> tx = optax.chain(sam_optax.looksam(0.05, k=5), optax.sgd(0.1))
+    >>> loss = lambda w: jnp.sum(w ** 2)
+    >>> def train_step(w, state):
+    ...   grad_fn = jax.grad(loss)
+    ...   updates, state = tx.update(grad_fn(w), state, w, grad_fn=grad_fn)
+    ...   return optax.apply_updates(w, updates), state, loss(w)
+    >>> train_step = sam_optax.gated_jit(train_step)  # CPU: steps 1-4 of 5 run one pass
+    >>> w = jnp.ones(3)
+    >>> state = tx.init(w)
+    >>> for _ in range(10):
+    ...   w, state, value = train_step(w, state)
+    >>> bool(loss(w) < 0.1)
+    True
   """
   plain = jax.jit(step, **jit_kwargs)
   use_host = (jax.default_backend() == "cpu") if host_gating is None else host_gating

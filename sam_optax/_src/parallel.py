@@ -32,6 +32,12 @@ class SAMPaState(NamedTuple):
       clean gradient is never computed), ``perturbed_grad_norm`` and
       ``perturbed_loss`` are taken at :math:`\\tilde x_t`, and ``cosine`` is
       :math:`\\cos(\\nabla f(y_t), \\nabla f(\\tilde x_t))`.
+
+  Example:
+    >>> import jax.numpy as jnp, optax, sam_optax
+    >>> state = sam_optax.sampa(optax.sgd(0.1)).init(jnp.ones(2))
+    >>> isinstance(state, sam_optax.SAMPaState), state.y_grad.tolist()   # first step unperturbed
+    (True, [0.0, 0.0])
   """
   count: jax.Array
   base: optax.OptState

@@ -32,12 +32,36 @@ class Perturbation(optax.GradientTransformationExtraArgs):
   It is an ordinary :class:`optax.GradientTransformationExtraArgs`; the extra
   attribute ``project(delta, radius, params)`` maps ``delta`` onto the ball of
   ``radius`` in the perturbation's own geometry.
+
+  Example:
+    >>> import jax.numpy as jnp, numpy as np, sam_optax
+    >>> p = sam_optax.l2()
+    >>> isinstance(p, sam_optax.Perturbation)
+    True
+    >>> print(np.asarray(p.project(jnp.array([3.0, 4.0]), 1.0, None)))  # onto the unit ball
+    [0.6 0.8]
   """
+
+  project: Projection
 
 
 def make_perturbation(init: Callable, update: Callable, project: Projection | None = None
                       ) -> Perturbation:
-  """Builds a :class:`Perturbation` from its pure functions."""
+  """Builds a :class:`Perturbation` from its pure functions.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, numpy as np, optax, sam_optax
+    >>> def init(params):
+    ...   return optax.EmptyState()
+    >>> def update(g, state, params=None, **extra_args):  # d = g / max|g|
+    ...   return jax.tree.map(lambda x: x / jnp.max(jnp.abs(x)), g), state
+    >>> tx = sam_optax.sharpness_aware(0.1, perturbation=sam_optax.make_perturbation(init, update))
+    >>> grad_fn = jax.grad(lambda w: jnp.sum(w ** 3))
+    >>> w = jnp.array([1.0, 2.0])   # g = 3 w^2 = [3, 12], d = [0.25, 1]
+    >>> out, _ = tx.update(grad_fn(w), tx.init(w), w, grad_fn=grad_fn)
+    >>> print(np.round(np.asarray(out), 4))   # 3 (w + 0.1 d)^2
+    [ 3.1519 13.23  ]
+  """
   p = Perturbation(init, update)
   p.project = project if project is not None else project_l2
   return p
@@ -116,6 +140,15 @@ def l2(eps: float = 1e-12) -> Perturbation:
 def unnormalized() -> Perturbation:
   r"""USAM: the raw gradient as direction, :math:`\epsilon = \rho\, g`.
 
+  Example:
+    >>> import jax, jax.numpy as jnp, numpy as np, sam_optax
+    >>> tx = sam_optax.sharpness_aware(0.1, perturbation=sam_optax.unnormalized())
+    >>> grad_fn = jax.grad(lambda w: jnp.sum(w ** 3))
+    >>> w = jnp.array([1.0, 2.0])   # g = 3 w^2 = [3, 12]
+    >>> out, _ = tx.update(grad_fn(w), tx.init(w), w, grad_fn=grad_fn)
+    >>> print(np.round(np.asarray(out), 4))   # 3 (w + 0.1 g)^2
+    [ 5.07 30.72]
+
   References:
     Andriushchenko, Flammarion, `Towards Understanding Sharpness-Aware
     Minimization <https://arxiv.org/abs/2206.06232>`_, ICML 2022.
@@ -139,6 +172,12 @@ def linf() -> Perturbation:
   :math:`\epsilon = \rho\, T \odot \mathrm{sign}(g)`:
   ``adaptive(eta, base=linf())``.
 
+  Example:
+    >>> import jax.numpy as jnp, numpy as np, optax, sam_optax
+    >>> d, _ = sam_optax.linf().update(jnp.array([0.3, -2.0, 0.0]), optax.EmptyState())
+    >>> print(np.asarray(d))
+    [ 1. -1.  0.]
+
   References:
     Mueller, Vlaar, Rolnick, Hein, `Normalization Layers Are All That
     Sharpness-Aware Minimization Needs <https://arxiv.org/abs/2306.04226>`_,
@@ -155,7 +194,14 @@ def linf() -> Perturbation:
 
 
 class AdaptiveState(NamedTuple):
-  """State of :func:`adaptive`: the state of its base geometry."""
+  """State of :func:`adaptive`: the state of its base geometry.
+
+  Example:
+    >>> import jax.numpy as jnp, sam_optax
+    >>> state = sam_optax.adaptive().init(jnp.ones(2))
+    >>> isinstance(state, sam_optax.AdaptiveState)
+    True
+  """
   base: optax.OptState
 
 
@@ -179,6 +225,15 @@ def adaptive(eta: float = 0.01, *, base: optax.GradientTransformation | None = N
     base: the geometry applied in scaled coordinates (default :func:`l2`).
     where: optional mask (pytree of bools or callable of params) of the leaves
       that get :math:`T = |w| + \eta`; the others get :math:`T = 1`.
+
+  Example:
+    >>> import jax.numpy as jnp, sam_optax
+    >>> w, g = jnp.array([2.0, 0.0]), jnp.array([1.0, 1.0])
+    >>> p = sam_optax.adaptive(eta=0.01)
+    >>> d, _ = p.update(g, p.init(w), w)
+    >>> t = jnp.abs(w) + 0.01
+    >>> bool(jnp.allclose(d, t ** 2 * g / jnp.linalg.norm(t * g)))
+    True
 
   References:
     Kwon, Kim, Park, Choi, `ASAM: Adaptive Sharpness-Aware Minimization for
@@ -220,7 +275,15 @@ def adaptive(eta: float = 0.01, *, base: optax.GradientTransformation | None = N
 
 
 class MaskedState(NamedTuple):
-  """State of :func:`masked`: the inner perturbation's state over selected leaves."""
+  """State of :func:`masked`: the inner perturbation's state over selected leaves.
+
+  Example:
+    >>> import jax.numpy as jnp, sam_optax
+    >>> p = sam_optax.masked(sam_optax.l2(), {"kernel": False, "bias": True})
+    >>> state = p.init({"kernel": jnp.ones((2, 2)), "bias": jnp.ones(2)})
+    >>> isinstance(state, sam_optax.MaskedState)
+    True
+  """
   inner: optax.OptState
 
 
@@ -255,6 +318,15 @@ def masked(perturbation: optax.GradientTransformation,
 
   Uses: SAM-ON (``masked(l2(), sam_optax.normalization_mask)``), ASAM on
   kernels only (``masked(adaptive(), sam_optax.kernel_mask)``).
+
+  Example:
+    >>> import jax.numpy as jnp, numpy as np, sam_optax
+    >>> params = {"kernel": jnp.ones((2, 2)), "bias": jnp.ones(2)}
+    >>> grads = {"kernel": jnp.full((2, 2), 3.0), "bias": jnp.array([3.0, 4.0])}
+    >>> p = sam_optax.masked(sam_optax.l2(), {"kernel": False, "bias": True})
+    >>> d, _ = p.update(grads, p.init(params), params)
+    >>> print(np.asarray(d["bias"]), np.asarray(d["kernel"]).sum())  # norm over the bias only
+    [0.6 0.8] 0.0
 
   References:
     Mueller et al., `Normalization Layers Are All That Sharpness-Aware
@@ -317,6 +389,13 @@ def normalization_mask(params: PyTree) -> PyTree:
   ``params`` dicts and NNX ``State`` trees. Use it for SAM-ON:
   ``masked(l2(), normalization_mask)``.
 
+  Example:
+    >>> import jax.numpy as jnp, sam_optax
+    >>> params = {"Dense_0": {"kernel": jnp.ones((2, 3)), "bias": jnp.zeros(3)},
+    ...           "BatchNorm_0": {"scale": jnp.ones(3), "bias": jnp.zeros(3)}}
+    >>> sam_optax.normalization_mask(params)
+    {'BatchNorm_0': {'bias': True, 'scale': True}, 'Dense_0': {'bias': False, 'kernel': False}}
+
   References:
     Mueller et al., `Normalization Layers Are All That Sharpness-Aware
     Minimization Needs <https://arxiv.org/abs/2306.04226>`_, NeurIPS 2023.
@@ -342,7 +421,15 @@ def normalization_mask(params: PyTree) -> PyTree:
 
 def kernel_mask(params: PyTree) -> PyTree:
   """A pytree of bools selecting weight tensors (leaves named ``kernel``/``embedding``,
-  or any leaf of rank >= 2 when names are absent): ASAM's kernels-only setting."""
+  or any leaf of rank >= 2 when names are absent): ASAM's kernels-only setting.
+
+  Example:
+    >>> import jax.numpy as jnp, sam_optax
+    >>> params = {"Dense_0": {"kernel": jnp.ones((2, 3)), "bias": jnp.zeros(3)},
+    ...           "BatchNorm_0": {"scale": jnp.ones(3), "bias": jnp.zeros(3)}}
+    >>> sam_optax.kernel_mask(params)
+    {'BatchNorm_0': {'bias': False, 'scale': False}, 'Dense_0': {'bias': False, 'kernel': True}}
+  """
   paths, treedef = _leaf_paths(params)
   leaves = jax.tree.leaves(params)
   flags = []
@@ -366,6 +453,14 @@ def fisher(eta: float = 1.0, eps: float = 1e-12) -> Perturbation:
   so that :math:`d^\top F d = 1`. Multi-step ascent projects onto the L2 ball
   (the metric changes with every gradient).
 
+  Example:
+    >>> import jax.numpy as jnp, optax, sam_optax
+    >>> g = jnp.array([1.0, 2.0])
+    >>> d, _ = sam_optax.fisher(eta=1.0).update(g, optax.EmptyState())
+    >>> f = g / (1 + g ** 2)
+    >>> bool(jnp.allclose(d, f / jnp.sqrt(g @ f)))
+    True
+
   References:
     Kim, Li, Hu, Hospedales, `Fisher SAM: Information Geometry and Sharpness
     Aware Minimisation <https://arxiv.org/abs/2206.04920>`_, ICML 2022.
@@ -385,7 +480,14 @@ def fisher(eta: float = 1.0, eps: float = 1e-12) -> Perturbation:
 
 
 class FriendlyState(NamedTuple):
-  """State of :func:`friendly`: the EMA ``m`` of past gradients and a step count."""
+  """State of :func:`friendly`: the EMA ``m`` of past gradients and a step count.
+
+  Example:
+    >>> import jax.numpy as jnp, sam_optax
+    >>> state = sam_optax.friendly().init(jnp.zeros(2))
+    >>> isinstance(state, sam_optax.FriendlyState), int(state.count)
+    (True, 0)
+  """
   count: jax.Array
   momentum: PyTree
 
@@ -402,6 +504,15 @@ def friendly(sigma: float = 1.0, decay: float = 0.9, eps: float = 1e-12) -> Pert
   Args:
     sigma: weight :math:`\sigma` of the removed EMA.
     decay: EMA decay :math:`\lambda` in [0, 1).
+
+  Example:
+    >>> import jax.numpy as jnp, numpy as np, sam_optax
+    >>> p = sam_optax.friendly(sigma=1.0, decay=0.9)
+    >>> state = p.init(jnp.zeros(2))
+    >>> d0, state = p.update(jnp.array([1.0, 0.0]), state)  # first step: m = g_0, d = g_0/|g_0|
+    >>> d1, state = p.update(jnp.array([1.0, 1.0]), state)  # d = (g_1 - m)/|g_1 - m|
+    >>> print(np.asarray(d0), np.asarray(d1))
+    [1. 0.] [0. 1.]
 
   References:
     Li, Zhou, Cheng, Pan, Yang, `Friendly Sharpness-Aware Minimization
@@ -430,7 +541,14 @@ def friendly(sigma: float = 1.0, decay: float = 0.9, eps: float = 1e-12) -> Pert
 
 
 class VarianceSuppressedState(NamedTuple):
-  """State of :func:`variance_suppressed`: the smoothed direction ``d`` and a count."""
+  """State of :func:`variance_suppressed`: the smoothed direction ``d`` and a count.
+
+  Example:
+    >>> import jax.numpy as jnp, sam_optax
+    >>> state = sam_optax.variance_suppressed().init(jnp.zeros(2))
+    >>> isinstance(state, sam_optax.VarianceSuppressedState), int(state.count)
+    (True, 0)
+  """
   count: jax.Array
   direction: PyTree
 
@@ -440,6 +558,15 @@ def variance_suppressed(theta: float = 0.9, eps: float = 1e-12) -> Perturbation:
 
   .. math:: d_t = (1-\theta) d_{t-1} + \theta g_t,\quad d_0 = g_0,\qquad
             \epsilon = \rho\, d_t / \|d_t\|
+
+  Example:
+    >>> import jax.numpy as jnp, numpy as np, sam_optax
+    >>> p = sam_optax.variance_suppressed(theta=0.5)
+    >>> state = p.init(jnp.zeros(2))
+    >>> _, state = p.update(jnp.array([2.0, 0.0]), state)  # d_0 = g_0
+    >>> d, state = p.update(jnp.array([0.0, 2.0]), state)  # d_1 = 0.5 d_0 + 0.5 g_1 = [1, 1]
+    >>> print(np.round(np.asarray(d), 4))
+    [0.7071 0.7071]
 
   References:
     Li, Giannakis, `Enhancing Sharpness-Aware Optimization Through Variance
@@ -467,7 +594,14 @@ def variance_suppressed(theta: float = 0.9, eps: float = 1e-12) -> Perturbation:
 
 
 class StochasticState(NamedTuple):
-  """State of :func:`stochastic`: the PRNG key for the next tensor mask."""
+  """State of :func:`stochastic`: the PRNG key for the next tensor mask.
+
+  Example:
+    >>> import jax.numpy as jnp, sam_optax
+    >>> state = sam_optax.stochastic(seed=0).init(jnp.zeros(2))
+    >>> isinstance(state, sam_optax.StochasticState), state.key.dtype.name
+    (True, 'uint32')
+  """
   key: jax.Array
 
 
@@ -481,6 +615,16 @@ def stochastic(keep_prob: float = 0.5, seed: int = 0, eps: float = 1e-12) -> Per
 
   so :math:`\epsilon = (\rho/\beta)\, M\odot g/\|M\odot g\|`. The key lives in
   the state, so runs are reproducible and resume exactly.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, sam_optax
+    >>> p = sam_optax.stochastic(keep_prob=0.5, seed=0)
+    >>> g = {"a": jnp.ones(3), "b": jnp.ones(4), "c": jnp.ones(5)}
+    >>> d, state = p.update(g, p.init(g))
+    >>> kept = {k: bool(jnp.any(v != 0)) for k, v in d.items()}  # whole tensors kept or dropped
+    >>> norm = float(jnp.sqrt(sum(jnp.sum(v ** 2) for v in d.values())))
+    >>> round(norm, 4) == (2.0 if any(kept.values()) else 0.0)  # |d| = 1 / keep_prob
+    True
 
   References:
     Du, Yan, Feng, Zhou, Zhen, Goh, Tan, `Efficient Sharpness-aware
@@ -513,7 +657,14 @@ def stochastic(keep_prob: float = 0.5, seed: int = 0, eps: float = 1e-12) -> Per
 
 
 class SparseState(NamedTuple):
-  """State of :func:`sparse`: step count, the running g² estimate and the mask."""
+  """State of :func:`sparse`: step count, the running g² estimate and the mask.
+
+  Example:
+    >>> import jax.numpy as jnp, sam_optax
+    >>> state = sam_optax.sparse().init(jnp.zeros(4))
+    >>> isinstance(state, sam_optax.SparseState), state.mask.dtype.name
+    (True, 'bool')
+  """
   count: jax.Array
   fisher: PyTree
   mask: PyTree
@@ -542,6 +693,14 @@ def sparse(sparsity: float = 0.5, refresh_every: int = 100, decay: float = 0.9,
     refresh_every: steps between mask refreshes.
     decay: EMA decay of the Fisher estimate.
 
+  Example:
+    >>> import jax.numpy as jnp, numpy as np, sam_optax
+    >>> p = sam_optax.sparse(sparsity=0.5, refresh_every=10)
+    >>> g = jnp.array([4.0, -1.0, 3.0, 0.5])
+    >>> d, state = p.update(g, p.init(g))  # keeps the half of the entries with the largest g^2
+    >>> print(np.asarray(state.mask), np.round(np.asarray(d), 4))
+    [ True False  True False] [0.8 0.  0.6 0. ]
+
   References:
     Mi, Shen, Ren, Zhou, Sun, Ji, Tao, `Make Sharpness-Aware Minimization
     Stronger: A Sparsified Perturbation Approach
@@ -553,12 +712,12 @@ def sparse(sparsity: float = 0.5, refresh_every: int = 100, decay: float = 0.9,
 
   def init(params):
     return SparseState(jnp.zeros([], jnp.int32),
-                       jax.tree.map(lambda w: jnp.zeros(w.shape, jnp.float32), params),
-                       jax.tree.map(lambda w: jnp.ones(w.shape, jnp.bool_), params))
+                       jax.tree.map(lambda w: jnp.zeros_like(w, jnp.float32), params),
+                       jax.tree.map(lambda w: jnp.ones_like(w, jnp.bool_), params))
 
   def top_mask(score):
     # The k-th largest score by bisection on the float32 bit patterns (monotone for
-    # scores >= 0): 31 passes of counts, each a sum per leaf. No flattening, sort or
+    # scores >= 0): 32 passes of counts, each a sum per leaf. No flattening, sort or
     # gather, so it runs on params sharded over an Explicit or Auto mesh alike, and
     # k may be traced (an injected `sparsity`). Ties at the threshold are all kept.
     leaves = jax.tree.leaves(score)
@@ -583,162 +742,6 @@ def sparse(sparsity: float = 0.5, refresh_every: int = 100, decay: float = 0.9,
   def update(updates, state, params=None, **extra_args):
     del params, extra_args
     first = state.count == 0
-    d = jax.tree.map(lambda g, m: g - jnp.where(first, 0.0, sigma) * m.astype(g.dtype),
-                     updates, state.momentum)
-    new_m = jax.tree.map(
-        lambda g, m: jnp.where(first, g.astype(m.dtype), decay * m + (1 - decay) * g
-                               ).astype(m.dtype), updates, state.momentum)
-    return tu.normalize(d, eps), FriendlyState(optax.safe_increment(state.count), new_m)
-
-  return make_perturbation(init, update, project_l2)
-
-
-# ----------------------------------------------------------------- VaSSO
-
-
-class VarianceSuppressedState(NamedTuple):
-  """State of :func:`variance_suppressed`: the smoothed direction ``d`` and a count."""
-  count: jax.Array
-  direction: PyTree
-
-
-def variance_suppressed(theta: float = 0.9, eps: float = 1e-12) -> Perturbation:
-  r"""VaSSO: perturb along an exponential average of gradients.
-
-  .. math:: d_t = (1-\theta) d_{t-1} + \theta g_t,\quad d_0 = g_0,\qquad
-            \epsilon = \rho\, d_t / \|d_t\|
-
-  References:
-    Li, Giannakis, `Enhancing Sharpness-Aware Optimization Through Variance
-    Suppression <https://arxiv.org/abs/2309.15639>`_, NeurIPS 2023.
-  """
-  _check_unit("theta", theta, "variance_suppressed")
-
-  def init(params):
-    return VarianceSuppressedState(jnp.zeros([], jnp.int32), tu.zeros_like(params))
-
-  def update(updates, state, params=None, **extra_args):
-    del params, extra_args
-    first = state.count == 0
-    new_d = jax.tree.map(
-        lambda g, d: jnp.where(first, g.astype(d.dtype),
-                               (1 - theta) * d + theta * g).astype(d.dtype),
-        updates, state.direction)
-    return (tu.normalize(new_d, eps),
-            VarianceSuppressedState(optax.safe_increment(state.count), new_d))
-
-  return make_perturbation(init, update, project_l2)
-
-
-# ---------------------------------------------------------------- ESAM SWP
-
-
-class StochasticState(NamedTuple):
-  """State of :func:`stochastic`: the PRNG key for the next tensor mask."""
-  key: jax.Array
-
-
-def stochastic(keep_prob: float = 0.5, seed: int = 0, eps: float = 1e-12) -> Perturbation:
-  r"""ESAM's stochastic weight perturbation: perturb a random subset of tensors.
-
-  Each tensor (leaf) is kept with probability :math:`\beta`; with the mask
-  :math:`M`,
-
-  .. math:: d = \frac{M \odot g}{\beta\, \|M \odot g\|}
-
-  so :math:`\epsilon = (\rho/\beta)\, M\odot g/\|M\odot g\|`. The key lives in
-  the state, so runs are reproducible and resume exactly.
-
-  References:
-    Du, Yan, Feng, Zhou, Zhen, Goh, Tan, `Efficient Sharpness-aware
-    Minimization for Improved Training of Neural Networks
-    <https://arxiv.org/abs/2110.03141>`_, ICLR 2022.
-  """
-  _check_unit("keep_prob", keep_prob, "stochastic")
-
-  def init(params):
-    del params
-    return StochasticState(jax.random.key_data(jax.random.key(seed)))
-
-  def update(updates, state, params=None, **extra_args):
-    del params, extra_args
-    key, sub = jax.random.split(jax.random.wrap_key_data(state.key))
-    leaves, treedef = jax.tree.flatten(updates)
-    keep = jax.random.bernoulli(sub, keep_prob, (len(leaves),))
-    kept = treedef.unflatten([jnp.where(keep[i], g, jnp.zeros_like(g))
-                              for i, g in enumerate(leaves)])
-    d = tu.scale(kept, tu.safe_inverse(tu.norm(kept), eps) / keep_prob)
-    return d, StochasticState(jax.random.key_data(key))
-
-  def project(delta, radius, params):
-    return project_l2(delta, radius / keep_prob, params)
-
-  return make_perturbation(init, update, project)
-
-
-# ---------------------------------------------------------------- SSAM
-
-
-class SparseState(NamedTuple):
-  """State of :func:`sparse`: step count, the running g² estimate and the mask."""
-  count: jax.Array
-  fisher: PyTree
-  mask: PyTree
-
-
-def sparse(sparsity: float = 0.5, refresh_every: int = 100, decay: float = 0.9,
-           eps: float = 1e-12) -> Perturbation:
-  r"""SSAM-style sparse perturbation from a running Fisher estimate.
-
-  A running estimate :math:`\hat F \leftarrow \beta \hat F + (1-\beta) g^2` of
-  the diagonal empirical Fisher is kept; every ``refresh_every`` steps (and at
-  step 0, from :math:`g_0^2`) the binary mask :math:`M` is reset to keep the
-  :math:`\lceil (1-s) N \rceil` entries with the largest :math:`\hat F`
-  (globally, over the whole pytree). Then
-
-  .. math:: d = \frac{M \odot g}{\|M \odot g\|}
-
-  Relation to SSAM-F (Mi et al.): the paper scores entries by the squared
-  gradients of a sampled subset of the data and recomputes the mask every
-  :math:`T_m` iterations; here the score is an EMA of the training
-  mini-batches' own :math:`g^2`, so no extra passes are spent, and the refresh
-  runs inside the jitted step.
-
-  Args:
-    sparsity: fraction :math:`s \in [0, 1)` of entries left unperturbed.
-    refresh_every: steps between mask refreshes.
-    decay: EMA decay of the Fisher estimate.
-
-  References:
-    Mi, Shen, Ren, Zhou, Sun, Ji, Tao, `Make Sharpness-Aware Minimization
-    Stronger: A Sparsified Perturbation Approach
-    <https://arxiv.org/abs/2210.05177>`_, NeurIPS 2022.
-  """
-  _check_decay("sparsity", sparsity, "sparse")
-  check_int("refresh_every", refresh_every, "sparse", minimum=1)
-  _check_decay("decay", decay, "sparse")
-
-  def init(params):
-    return SparseState(jnp.zeros([], jnp.int32),
-                       jax.tree.map(lambda w: jnp.zeros(w.shape, jnp.float32), params),
-                       jax.tree.map(lambda w: jnp.ones(w.shape, jnp.bool_), params))
-
-  def top_mask(score):
-    leaves, treedef = jax.tree.flatten(score)
-    flat = jnp.concatenate([x.ravel() for x in leaves])
-    n = flat.size
-    k = max(1, int(-(-(1.0 - sparsity) * n // 1)))
-    order = jnp.argsort(-flat, stable=True)
-    keep = jnp.zeros(n, jnp.bool_).at[order[:k]].set(True)
-    out, start = [], 0
-    for x in leaves:
-      out.append(keep[start:start + x.size].reshape(x.shape))
-      start += x.size
-    return treedef.unflatten(out)
-
-  def update(updates, state, params=None, **extra_args):
-    del params, extra_args
-    first = state.count == 0
     sq = jax.tree.map(lambda g: tu.abs2(g, jnp.float32), updates)
     fisher_est = jax.tree.map(lambda f, s: jnp.where(first, s, decay * f + (1 - decay) * s),
                               state.fisher, sq)
@@ -755,7 +758,14 @@ def sparse(sparsity: float = 0.5, refresh_every: int = 100, decay: float = 0.9,
 
 
 class RandomWeightState(NamedTuple):
-  """State of :func:`random_weight`: the PRNG key for the next draw."""
+  """State of :func:`random_weight`: the PRNG key for the next draw.
+
+  Example:
+    >>> import jax.numpy as jnp, sam_optax
+    >>> state = sam_optax.random_weight(seed=0).init(jnp.zeros(2))
+    >>> isinstance(state, sam_optax.RandomWeightState)
+    True
+  """
   key: jax.Array
 
 
@@ -766,6 +776,17 @@ def random_weight(sigma: float = 0.015, seed: int = 0) -> Perturbation:
   noise of filter :math:`i` has std :math:`\sigma \|W_i\|`; a leaf of rank
   <= 1 uses its whole norm. Use with ``rho=1.0`` for the paper's
   :math:`\epsilon_i \sim N(0, \sigma^2\|W_i\|^2)`; ``rho`` scales it otherwise.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, sam_optax
+    >>> w = {"kernel": jnp.full((3, 1000), 2.0), "bias": jnp.ones(2)}
+    >>> p = sam_optax.random_weight(sigma=0.015, seed=0)
+    >>> eps, _ = p.update(w, p.init(w), w)  # ignores the gradient (here: w)
+    >>> filter_norm = float(jnp.linalg.norm(w["kernel"][:, 0]))  # |W_i| = sqrt(3 * 2^2)
+    >>> round(filter_norm, 4)
+    3.4641
+    >>> bool(abs(float(jnp.std(eps["kernel"])) / (0.015 * filter_norm) - 1) < 0.05)  # sigma |W_i|
+    True
 
   References:
     Li, Tang, Wu, Yang, Huang, `Revisiting Random Weight Perturbation for

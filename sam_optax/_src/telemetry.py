@@ -13,30 +13,18 @@ from sam_optax._src import core, variants
 
 _NORMS = ("clean_grad_norm", "perturbation_norm", "perturbed_grad_norm", "cosine")
 _SCHEDULE = (variants.LookSAMState, variants.RandomizedState, variants.AdaptivePolicyState)
+_KNOWN = (core.Telemetry, variants.MomentumSAMState, optax.ApplyIfFiniteState) + _SCHEDULE
 
 
-def _children(node: Any) -> list:
-  if isinstance(node, dict):
-    return list(node.values())
-  if isinstance(node, (tuple, list)):
-    return list(node)
-  # flax.nnx keeps optimizer state in Variables; look inside them without importing flax
-  for attr in ("raw_value", "value"):
-    if type(node).__module__.startswith("flax") and hasattr(node, attr):
-      try:
-        return [getattr(node, attr)]
-      except Exception:  # pragma: no cover - a Variable without a value
-        return []
-  if hasattr(node, "items") and callable(node.items):  # nnx.State and other mappings
-    try:
-      return [v for _, v in node.items()]
-    except Exception:  # pragma: no cover
-      return []
-  return []
+def _array(x: Any) -> jax.Array:
+  """The array in a state field (flax.nnx keeps optimizer state in Variables)."""
+  leaves = jax.tree_util.tree_leaves(x)
+  return leaves[0] if len(leaves) == 1 else x
 
 
-def _present(flag: jax.Array) -> bool:
+def _present(flag: Any) -> bool:
   """Whether a loss slot was filled; inside ``jit`` (flag unknown) it counts as present."""
+  flag = _array(flag)
   if isinstance(flag, jax.core.Tracer):
     return True
   return bool(np.asarray(flag))
@@ -91,9 +79,9 @@ def metrics(opt_state: optax.OptState) -> dict[str, jax.Array]:
   out: dict[str, jax.Array] = {}
 
   def put(name, value):
-    out.setdefault(name, value)
+    out.setdefault(name, _array(value))
 
-  def visit(node):
+  def handle(node):
     if isinstance(node, core.Telemetry):
       for name in _NORMS:
         put(name, getattr(node, name))
@@ -103,7 +91,7 @@ def metrics(opt_state: optax.OptState) -> dict[str, jax.Array]:
       if pert:
         put("perturbed_loss", node.perturbed_loss)
       if clean and pert:
-        put("sharpness", node.perturbed_loss - node.clean_loss)
+        put("sharpness", _array(node.perturbed_loss) - _array(node.clean_loss))
       return
     if isinstance(node, _SCHEDULE):
       put("sam_step", node.sam_step)
@@ -112,9 +100,15 @@ def metrics(opt_state: optax.OptState) -> dict[str, jax.Array]:
       put("perturbation_norm", node.perturbation_norm)
       put("perturbed_grad_norm", node.perturbed_grad_norm)
     elif isinstance(node, optax.ApplyIfFiniteState):
-      put("skipped_steps", jnp.asarray(node.total_notfinite))
-    for child in _children(node):
-      visit(child)
+      put("skipped_steps", jnp.asarray(_array(node.total_notfinite)))
+    visit(tuple(node))
+
+  def visit(tree):
+    # pytree flattening reaches inside optax's NamedTuples, dicts and flax.nnx
+    # Variables alike; the recorded states stop it and are read in pre-order
+    for leaf in jax.tree_util.tree_leaves(tree, is_leaf=lambda x: isinstance(x, _KNOWN)):
+      if isinstance(leaf, _KNOWN):
+        handle(leaf)
 
   visit(opt_state)
   return out

@@ -103,7 +103,7 @@ def cosine(a: PyTree, b: PyTree, eps: float = 1e-12) -> jax.Array:
   return vdot(a, b) * safe_inverse(norm(a) * norm(b), eps * eps)
 
 
-def scale(tree: PyTree, s: jax.Array) -> PyTree:
+def scale(tree: PyTree, s: jax.Array | float) -> PyTree:
   """s * tree, each leaf keeping its dtype (the product is formed in >= f32)."""
   return jax.tree.map(lambda x: (_acc(x) * s).astype(x.dtype), tree)
 
@@ -113,7 +113,7 @@ def normalize(tree: PyTree, eps: float) -> PyTree:
   return scale(tree, safe_inverse(norm(tree), eps))
 
 
-def add_scaled(a: PyTree, s: jax.Array, b: PyTree) -> PyTree:
+def add_scaled(a: PyTree, s: jax.Array | float, b: PyTree) -> PyTree:
   """a + s * b, each leaf in a's dtype."""
   return jax.tree.map(lambda x, y: (_acc(x) + s * _acc(y)).astype(x.dtype), a, b)
 

@@ -11,6 +11,7 @@ import optax
 
 from sam_optax._src import core, gating
 from sam_optax._src import tree as tu
+from sam_optax._src.validation import check_int, check_real, check_transform
 
 PyTree = Any
 
@@ -34,7 +35,14 @@ def _zero_f32() -> jax.Array:
 
 
 class GSAMState(NamedTuple):
-  """State of :func:`gsam`: the core's state."""
+  """State of :func:`gsam`: the core's state.
+
+  Example:
+    >>> import jax.numpy as jnp, sam_optax
+    >>> state = sam_optax.gsam(0.05).init(jnp.ones(2))
+    >>> isinstance(state, sam_optax.GSAMState), int(state.inner.count)
+    (True, 0)
+  """
   inner: core.SharpnessAwareState
 
 
@@ -60,6 +68,18 @@ def gsam(rho: core.ScalarOrSchedule = 0.05, alpha: float = 0.6, *,
     axis_name: per-device perturbation, as in :func:`sharpness_aware`; g is
       averaged over the axis before the decomposition.
 
+  Example:
+    >>> import jax, jax.numpy as jnp, sam_optax
+    >>> grad_fn = jax.grad(lambda w: jnp.sum(w ** 4))
+    >>> w = jnp.array([1.0, -2.0])
+    >>> g = grad_fn(w)
+    >>> tx = sam_optax.gsam(0.05, alpha=0.5)
+    >>> out, _ = tx.update(g, tx.init(w), w, grad_fn=grad_fn)
+    >>> g_p = grad_fn(w + 0.05 * g / jnp.linalg.norm(g))   # by hand
+    >>> u = g_p / jnp.linalg.norm(g_p)
+    >>> bool(jnp.allclose(out, g_p - 0.5 * (g - (g @ u) * u), rtol=1e-5))
+    True
+
   References:
     Zhuang, Gong, Yuan, Cui, Adam, Dvornek, Tatikonda, Duncan, Liu,
     `Surrogate Gap Guided Sharpness-Aware Minimization
@@ -81,7 +101,7 @@ def gsam(rho: core.ScalarOrSchedule = 0.05, alpha: float = 0.6, *,
   return optax.GradientTransformationExtraArgs(init, update)
 
 
-def rho_schedule_from_lr(lr_schedule: Callable[[jax.Array], jax.Array], rho_max: float,
+def rho_schedule_from_lr(lr_schedule: optax.Schedule, rho_max: float,
                          rho_min: float, lr_max: float, lr_min: float
                          ) -> Callable[[jax.Array], jax.Array]:
   r"""GSAM's radius schedule: :math:`\rho_t` moves linearly with the learning rate.
@@ -94,6 +114,14 @@ def rho_schedule_from_lr(lr_schedule: Callable[[jax.Array], jax.Array], rho_max:
     rho_max, rho_min: radii at the largest and smallest learning rate
       (the paper: 0.6 and 0.1 for ViT-B/32).
     lr_max, lr_min: the schedule's largest and smallest learning rates.
+
+  Example:
+    >>> import optax, sam_optax
+    >>> lr = optax.cosine_decay_schedule(0.1, decay_steps=100)
+    >>> rho = sam_optax.rho_schedule_from_lr(lr, rho_max=0.1, rho_min=0.02, lr_max=0.1, lr_min=0.0)
+    >>> [round(float(rho(t)), 4) for t in (0, 50, 100)]
+    [0.1, 0.06, 0.02]
+    >>> tx = sam_optax.gsam(rho=rho, alpha=0.3)   # or sharpness_aware(rho=rho)
 
   References:
     Zhuang et al., `Surrogate Gap Guided Sharpness-Aware Minimization
@@ -131,6 +159,12 @@ class LookSAMState(NamedTuple):
     sam_step: float32 1.0 if the last step ran the second pass, else 0.0.
     sam_step_fraction: float32 running mean of ``sam_step``: the passes the
       schedule really cost (1 + this fraction per step).
+
+  Example:
+    >>> import jax.numpy as jnp, sam_optax
+    >>> state = sam_optax.looksam(k=5).init(jnp.ones(2))
+    >>> isinstance(state, sam_optax.LookSAMState), int(state.count), int(state.period)
+    (True, 0, 5)
   """
   count: jax.Array
   inner: core.SharpnessAwareState
@@ -163,11 +197,24 @@ def looksam(rho: core.ScalarOrSchedule = 0.05, k: int = 5, alpha: float = 0.7, *
     perturbation: ascent geometry (default :func:`l2`).
     axis_name: per-device perturbation; the output is averaged over the axis.
 
+  Example:
+    >>> import jax, jax.numpy as jnp, sam_optax
+    >>> grad_fn = jax.grad(lambda w: jnp.sum(w ** 4))
+    >>> w = jnp.array([1.0, -2.0])
+    >>> g = grad_fn(w)
+    >>> tx = sam_optax.looksam(0.05, k=2, alpha=0.7)
+    >>> state = tx.init(w)
+    >>> out0, state = tx.update(g, state, w, grad_fn=grad_fn)  # step 0: SAM pass, stores g_v
+    >>> out1, state = tx.update(g, state, w, grad_fn=grad_fn)  # step 1: reuses g_v
+    >>> g_v = state.g_v
+    >>> bool(jnp.allclose(out1, g + 0.7 * jnp.linalg.norm(g) / jnp.linalg.norm(g_v) * g_v))
+    True
+
   References:
     Liu, Mai, Chen, Hsieh, You, `Towards Efficient and Scalable Sharpness-Aware
     Minimization <https://arxiv.org/abs/2203.02714>`_, CVPR 2022.
   """
-  core.check_int("k", k, "looksam", minimum=1, hint="the paper uses 5")
+  check_int("k", k, "looksam", minimum=1, hint="the paper uses 5")
   inner = core.sharpness_aware(rho, perturbation=perturbation, eps=eps)
 
   def init(params):
@@ -219,6 +266,12 @@ class RandomizedState(NamedTuple):
     inner: the wrapped transform's state (advanced only on steps it runs).
     sam_step: float32 1.0 if the last step ran ``transform``, else 0.0.
     sam_step_fraction: float32 running mean of ``sam_step``.
+
+  Example:
+    >>> import jax.numpy as jnp, sam_optax
+    >>> state = sam_optax.randomized(sam_optax.sharpness_aware(0.05)).init(jnp.ones(2))
+    >>> isinstance(state, sam_optax.RandomizedState), float(state.probability)
+    (True, 0.5)
   """
   count: jax.Array
   key: jax.Array
@@ -252,16 +305,30 @@ def randomized(transform: optax.GradientTransformation,
     axis_name: averages the pass-through g over this axis (give the wrapped
       transform the same ``axis_name``).
 
+  Example:
+    >>> import jax, jax.numpy as jnp, sam_optax
+    >>> grad_fn = jax.grad(lambda w: jnp.sum(w ** 4))
+    >>> w = jnp.array([1.0, -2.0])
+    >>> g = grad_fn(w)
+    >>> never = sam_optax.randomized(sam_optax.sharpness_aware(0.05), probability=0.0)
+    >>> out, _ = never.update(g, never.init(w), w, grad_fn=grad_fn)
+    >>> bool(jnp.array_equal(out, g))   # p = 0: always the plain gradient
+    True
+    >>> always = sam_optax.randomized(sam_optax.sharpness_aware(0.05), probability=1.0)
+    >>> out, _ = always.update(g, always.init(w), w, grad_fn=grad_fn)
+    >>> bool(jnp.allclose(out, grad_fn(w + 0.05 * g / jnp.linalg.norm(g))))   # p = 1: SAM
+    True
+
   References:
     Zhao, Zhang, Hu, `Randomized Sharpness-Aware Training for Boosting
     Computational Efficiency in Deep Learning <https://arxiv.org/abs/2203.09962>`_,
     2022.
   """
-  core.check_transform("transform", transform, "randomized")
+  check_transform("transform", transform, "randomized")
   if not callable(probability):
-    core.check_real("probability", probability, "randomized", low=0.0, high=1.0,
+    check_real("probability", probability, "randomized", low=0.0, high=1.0,
                     hint="0.5 runs the second pass on half the steps")
-  core.check_int("seed", seed, "randomized")
+  check_int("seed", seed, "randomized")
   inner_update = optax.with_extra_args_support(transform).update
 
   def prob_at(count):
@@ -310,6 +377,13 @@ class AdaptivePolicyState(NamedTuple):
     inner: the wrapped transform's state.
     sam_step: float32 1.0 if the last step ran ``transform``, else 0.0.
     sam_step_fraction: float32 running mean of ``sam_step``.
+
+  Example:
+    >>> import jax.numpy as jnp, sam_optax
+    >>> tx = sam_optax.adaptive_policy(sam_optax.sharpness_aware(0.05), total_steps=100)
+    >>> state = tx.init(jnp.ones(2))
+    >>> isinstance(state, sam_optax.AdaptivePolicyState), int(state.sharp_steps)
+    (True, 0)
   """
   count: jax.Array
   mean: jax.Array
@@ -347,21 +421,34 @@ def adaptive_policy(transform: optax.GradientTransformation, *, total_steps: int
       :math:`c_t`.
     axis_name: averages the pass-through g (and :math:`\|g\|^2`) over the axis.
 
+  Example:
+    >>> import jax, jax.numpy as jnp, sam_optax
+    >>> grad_fn = jax.grad(lambda w: jnp.sum(w ** 4))
+    >>> w = jnp.array([1.0, -2.0])
+    >>> tx = sam_optax.adaptive_policy(sam_optax.sharpness_aware(0.05), total_steps=100,
+    ...                                lambda_start=0.0, lambda_end=0.0)   # SAM iff s_t >= mu_t
+    >>> state = tx.init(w)
+    >>> for scale in (1.0, 2.0, 0.5):   # s_t = scale^2 s_0: mu_1 = 1.3 s_0, mu_2 = 1.195 s_0
+    ...   _, state = tx.update(scale * grad_fn(w), state, w, grad_fn=grad_fn)
+    >>> int(state.count), int(state.sharp_steps)   # the last step (0.25 s_0 < mu_2) skips SAM
+    (3, 2)
+
   References:
     Jiang, Yang, Zhang, Kwok, `An Adaptive Policy to Employ Sharpness-Aware
     Minimization <https://arxiv.org/abs/2304.14647>`_, ICLR 2023.
   """
-  core.check_transform("transform", transform, "adaptive_policy")
-  core.check_int("total_steps", total_steps, "adaptive_policy", minimum=1,
+  check_transform("transform", transform, "adaptive_policy")
+  check_int("total_steps", total_steps, "adaptive_policy", minimum=1,
                  hint="pass the training length in steps")
-  core.check_real("decay", decay, "adaptive_policy", low=0.0, high=1.0, high_open=True)
-  core.check_real("lambda_start", lambda_start, "adaptive_policy")
-  core.check_real("lambda_end", lambda_end, "adaptive_policy")
+  check_real("decay", decay, "adaptive_policy", low=0.0, high=1.0, high_open=True)
+  check_real("lambda_start", lambda_start, "adaptive_policy")
+  check_real("lambda_end", lambda_end, "adaptive_policy")
   inner_update = optax.with_extra_args_support(transform).update
 
   def init(params):
-    z = jnp.zeros([], tu.reduction_dtype(params))
-    return AdaptivePolicyState(jnp.zeros([], jnp.int32), z, z, jnp.zeros([], jnp.int32),
+    dtype = tu.reduction_dtype(params)  # separate buffers, so the state can be donated
+    return AdaptivePolicyState(jnp.zeros([], jnp.int32), jnp.zeros([], dtype), jnp.zeros([], dtype),
+                               jnp.zeros([], jnp.int32),
                                transform.init(params), _zero_f32(), _zero_f32())
 
   def update(updates, state, params=None, **extra_args):
@@ -403,6 +490,12 @@ class MomentumSAMState(NamedTuple):
   params' reduction dtype; ``perturbation_norm`` (the length of the perturbation
   the last gradient was taken at) and ``perturbed_grad_norm`` (that gradient's
   norm) are float32 telemetry.
+
+  Example:
+    >>> import jax.numpy as jnp, optax, sam_optax
+    >>> state = sam_optax.msam(optax.sgd(0.1, momentum=0.9)).init(jnp.ones(2))
+    >>> isinstance(state, sam_optax.MomentumSAMState), round(float(state.rho), 4)
+    (True, 0.3)
   """
   count: jax.Array
   base: optax.OptState
@@ -466,6 +559,19 @@ def msam(base_optimizer: optax.GradientTransformation, rho: float = 0.3, *,
       adam, adamw, nadam, lion, ...).
     rho: radius (the paper: about 0.3 with SGD, 1 with AdamW).
 
+  Example:
+    >>> import jax, jax.numpy as jnp, optax, sam_optax
+    >>> loss = lambda w: jnp.sum(w ** 2)
+    >>> opt = sam_optax.msam(optax.sgd(0.1, momentum=0.9), rho=0.3)
+    >>> params = jnp.array([1.0, -2.0])
+    >>> state = opt.init(params)
+    >>> for _ in range(3):   # one gradient per step, taken at the perturbed params
+    ...   updates, state = opt.update(jax.grad(loss)(params), state, params)
+    ...   params = optax.apply_updates(params, updates)
+    >>> clean = sam_optax.msam_clean_params(params, state)
+    >>> round(float(jnp.linalg.norm(params - clean)), 4)   # |eps| = rho
+    0.3
+
   References:
     Becker, Altrock, Risse, `Momentum-SAM: Sharpness Aware Minimization without
     Computational Overhead <https://arxiv.org/abs/2401.12033>`_, 2024.
@@ -523,6 +629,16 @@ def msam_clean_params(params: PyTree, opt_state: optax.OptState) -> PyTree:
 
   Returns:
     The parameters to evaluate and to export.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, optax, sam_optax
+    >>> opt = sam_optax.msam(optax.sgd(0.1, momentum=0.9), rho=0.3)
+    >>> params = jnp.array([1.0, -2.0])
+    >>> state = opt.init(params)
+    >>> updates, state = opt.update(jnp.array([1.0, 0.0]), state, params)
+    >>> params = optax.apply_updates(params, updates)   # now w - 0.1 g + eps, eps = -0.3 v/|v|
+    >>> print(jnp.round(sam_optax.msam_clean_params(params, state), 4))
+    [ 0.9 -2. ]
   """
   found = []
   jax.tree_util.tree_leaves(
