@@ -13,8 +13,6 @@ from sam_optax._src.core import SharpnessAwareState, Telemetry, sharpness_aware
 from sam_optax._src.distributed import local_params
 from sam_optax._src.gating import gated_jit
 from sam_optax._src.penalty import GradientNormPenaltyState, gradient_norm_penalty
-from sam_optax._src.penalty import GradientNormPenaltyState, gradient_norm_penalty
-from sam_optax._src.penalty import GradientNormPenaltyState, gradient_norm_penalty
 from sam_optax._src.perturbations import (
     AdaptiveState,
     FriendlyState,
@@ -41,7 +39,6 @@ from sam_optax._src.perturbations import (
 )
 from sam_optax._src.telemetry import metrics
 from sam_optax._src.universal import UniversalSAMState, det_sam, frob_sam, trace_sam
-from sam_optax._src.universal import UniversalSAMState, det_sam, frob_sam, trace_sam
 from sam_optax._src.variants import (
     AdaptivePolicyState,
     GSAMState,
@@ -66,8 +63,6 @@ __all__ = (
     "FriendlyState",
     "GSAMState",
     "GradientNormPenaltyState",
-    "GradientNormPenaltyState",
-    "GradientNormPenaltyState",
     "LookSAMState",
     "MaskedState",
     "MomentumSAMState",
@@ -79,7 +74,6 @@ __all__ = (
     "StochasticState",
     "Telemetry",
     "UniversalSAMState",
-    "UniversalSAMState",
     "VarianceSuppressedState",
     "adaptive",
     "adaptive_policy",
@@ -88,14 +82,10 @@ __all__ = (
     "bsam_posterior",
     "bsam_sample",
     "det_sam",
-    "det_sam",
     "fisher",
     "friendly",
     "frob_sam",
-    "frob_sam",
     "gated_jit",
-    "gradient_norm_penalty",
-    "gradient_norm_penalty",
     "gradient_norm_penalty",
     "gsam",
     "kernel_mask",
@@ -116,7 +106,6 @@ __all__ = (
     "sharpness_aware",
     "sparse",
     "stochastic",
-    "trace_sam",
     "trace_sam",
     "unnormalized",
     "variance_suppressed",
