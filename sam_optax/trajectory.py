@@ -357,8 +357,10 @@ def weight_ema(decay: float = 0.9998) -> optax.GradientTransformationExtraArgs:
   def init(params):
     if params is None:
       raise ValueError("`weight_ema.init(params)` needs the parameters, not None.")
+    # a copy, not the params' own buffers: the caller may donate params and state together
     return WeightEMAState(jnp.zeros([], jnp.int32),
-                          jax.tree.map(lambda w: jnp.asarray(w).astype(_ema_dtype(w)), params))
+                          jax.tree.map(lambda w: jnp.array(w, dtype=_ema_dtype(w), copy=True),
+                                       params))
 
   def update(updates, state, params=None, **extra_args):
     del extra_args
