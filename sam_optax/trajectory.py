@@ -128,6 +128,11 @@ class SAFState(NamedTuple):
       never), so an example not seen in the epoch :math:`\tilde E` back (the
       last, partial batch of an epoch is often dropped) gets no reference
       instead of a stale or empty one.
+
+  Example:
+    >>> from sam_optax import trajectory
+    >>> isinstance(trajectory.saf_init(num_examples=8, num_classes=3), trajectory.SAFState)
+    True
   """
   logits: jax.Array
   epochs: jax.Array
@@ -203,6 +208,14 @@ def saf_update(state: SAFState, indices: jax.Array, logits: jax.Array, epoch: An
   """Writes the examples' current logits into the slot of ``epoch`` (no gradient).
 
   Each example should appear once per batch (duplicates write one of their rows).
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from sam_optax import trajectory
+    >>> state = trajectory.saf_init(num_examples=4, num_classes=3)
+    >>> state = trajectory.saf_update(state, jnp.array([0, 2]), jnp.ones((2, 3)), epoch=0)
+    >>> isinstance(state, trajectory.SAFState)
+    True
   """
   slot = jnp.asarray(epoch, jnp.int32) % state.logits.shape[1]
   indices = jnp.asarray(indices)
@@ -304,6 +317,12 @@ class WeightEMAState(NamedTuple):
     count: int32 number of updates seen.
     ema: the moving average of the weights (float32 for bf16/fp16/float32
       params, float64 for float64 ones).
+
+  Example:
+    >>> import jax.numpy as jnp, sam_optax
+    >>> state = sam_optax.weight_ema(0.9).init(jnp.ones(3))
+    >>> isinstance(state, sam_optax.WeightEMAState), state.ema.tolist()
+    (True, [1.0, 1.0, 1.0])
   """
   count: jax.Array
   ema: PyTree
@@ -386,6 +405,13 @@ def ema_params(opt_state: optax.OptState, like: PyTree | None = None) -> PyTree:
 
   Returns:
     The averaged weights.
+
+  Example:
+    >>> import jax.numpy as jnp, optax, sam_optax
+    >>> from sam_optax import trajectory
+    >>> opt = optax.chain(optax.sgd(0.1), sam_optax.weight_ema(0.9))
+    >>> trajectory.ema_params(opt.init({"w": jnp.ones(2)}))["w"].tolist()
+    [1.0, 1.0]
   """
   found = []
   jax.tree_util.tree_leaves(

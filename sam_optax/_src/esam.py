@@ -35,6 +35,11 @@ class ESAMState(NamedTuple):
       :math:`w + \\epsilon` over the whole batch (both come from passes that run
       anyway), and ``perturbed_grad_norm`` is the norm of the selected
       examples' gradient.
+
+  Example:
+    >>> import jax.numpy as jnp, sam_optax
+    >>> isinstance(sam_optax.esam().init(jnp.ones(3)), sam_optax.ESAMState)
+    True
   """
   count: jax.Array
   perturbation_state: optax.OptState

@@ -32,6 +32,11 @@ class SAMPaState(NamedTuple):
       clean gradient is never computed), ``perturbed_grad_norm`` and
       ``perturbed_loss`` are taken at :math:`\\tilde x_t`, and ``cosine`` is
       :math:`\\cos(\\nabla f(y_t), \\nabla f(\\tilde x_t))`.
+
+  Example:
+    >>> import jax.numpy as jnp, optax, sam_optax
+    >>> isinstance(sam_optax.sampa(optax.sgd(0.1)).init(jnp.ones(3)), sam_optax.SAMPaState)
+    True
   """
   count: jax.Array
   base: optax.OptState
