@@ -15,6 +15,7 @@ def pytest_collection_modifyitems(config, items):
   """Slow tests first, so that with `-n 2 --maxschedchunk 1` the notebooks and the
   multi-process tests are spread over both workers instead of landing in one chunk."""
   items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+  _mark_open(items)
 
 
 # Open at the end of the session that grew these tables (see the issue 16 note): rows merged
@@ -27,7 +28,7 @@ _OPEN_TESTS = ("test_non_finite_step_is_skipped_and_leaves_the_state",
                "test_constructors_work_or_raise_a_clear_error")
 
 
-def pytest_collection_modifyitems(config, items):
+def _mark_open(items):
   import pytest
   for item in items:
     name = item.nodeid
