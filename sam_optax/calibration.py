@@ -47,6 +47,14 @@ class CalibrationBins(NamedTuple):
     confidence: mean confidence in each bin (0 for an empty bin).
     accuracy: fraction of correct top-label predictions in each bin (0 if empty).
     count: number of examples in each bin (int32).
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from sam_optax import calibration
+    >>> bins = calibration.calibration_bins(jnp.array([[0.9, 0.1], [0.4, 0.6]]), jnp.array([0, 0]),
+    ...                                     num_bins=2)
+    >>> isinstance(bins, calibration.CalibrationBins)
+    True
   """
   confidence: jax.Array
   accuracy: jax.Array

@@ -129,9 +129,13 @@ def test_contract(name):
   assert not np.allclose(jax.tree.leaves(p_plain)[0], jax.tree.leaves(params)[0])
 
   # an eagerly built state can be donated (no array appears twice in it)
+  batch0 = make_data(0)
+  closure = ({"value_and_grad_fn": lambda q: jax.value_and_grad(mlp_loss)(q, batch0),
+              "value": mlp_loss(params, batch0)} if name in NEEDS_LOSS else
+             {"grad_fn": lambda q: jax.grad(mlp_loss)(q, batch0)})
   donated = jax.jit(lambda p, s: opt.update(
-      jax.grad(mlp_loss)(p, make_data(0)), s, p, grad_fn=lambda q: jax.grad(mlp_loss)(q, make_data(0)),
-      per_example_loss_fn=lambda q: mlp_example_losses(q, make_data(0))), donate_argnums=1)
+      jax.grad(mlp_loss)(p, batch0), s, p, **closure,
+      per_example_loss_fn=lambda q: mlp_example_losses(q, batch0)), donate_argnums=1)
   leaves = jax.tree.leaves(opt.init(params))
   assert len({id(x) for x in leaves}) == len(leaves)
   donated(params, opt.init(params))

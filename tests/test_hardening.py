@@ -19,6 +19,8 @@ import sam_optax as so
 from test_contract import NEEDS_LOSS, OPTIMIZERS, SGD
 
 DTYPES = ["float16", "bfloat16", "float32", "float64", "complex64"]
+# bSAM's precision and posterior are defined for real weights: it says so for complex ones
+REAL_ONLY = {"bsam"}
 
 
 def make_params(dtype, seed=0):
@@ -70,6 +72,10 @@ def x64_if(dtype):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("name", sorted(OPTIMIZERS))
 def test_every_dtype_under_jit_and_gated_jit(name, dtype):
+  if name in REAL_ONLY and dtype.startswith("complex"):
+    with pytest.raises(TypeError, match="real parameters"):
+      OPTIMIZERS[name]().init(make_params(dtype))
+    return
   with x64_if(dtype):
     params = make_params(dtype)
     opt = OPTIMIZERS[name]()

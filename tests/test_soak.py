@@ -10,7 +10,7 @@ import pytest
 
 import sam_optax as so
 from helpers import mlp_init, mlp_loss
-from test_contract import NEEDS_LOSS, OPTIMIZERS
+from test_contract import NEEDS_LOSS, OPTIMIZERS, mlp_example_losses
 
 pytestmark = pytest.mark.slow
 
@@ -45,7 +45,8 @@ def test_soak_5000_steps(name):
       kw = {"value_and_grad_fn": vg, "value": mlp_loss(p, batch)}
     else:
       kw = {"grad_fn": grad_fn}
-    u, s = opt.update(grad_fn(p), s, p, **kw)
+    u, s = opt.update(grad_fn(p), s, p, **kw,
+                      per_example_loss_fn=lambda q: mlp_example_losses(q, batch))
     return optax.apply_updates(p, u), s
 
   run = so.gated_jit(step, host_gating=True)

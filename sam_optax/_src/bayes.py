@@ -35,6 +35,12 @@ class BayesianSAMState(NamedTuple):
       the norm of the gradient at the posterior sample, ``perturbation_norm``
       that of :math:`\\rho g/s`, ``perturbed_grad_norm`` that of the gradient at
       the ascent point.
+
+  Example:
+    >>> import jax.numpy as jnp, sam_optax
+    >>> state = sam_optax.bsam(0.1, num_data=100).init(jnp.ones(3))
+    >>> isinstance(state, sam_optax.BayesianSAMState)
+    True
   """
   count: jax.Array
   key: jax.Array

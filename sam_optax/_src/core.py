@@ -41,6 +41,12 @@ class Telemetry(NamedTuple):
       ``value_and_grad_fn=``.
     has_clean_loss, has_perturbed_loss: int32 1/0, whether the two losses were
       given on the last step (:func:`sam_optax.metrics` omits absent entries).
+
+  Example:
+    >>> import jax.numpy as jnp, sam_optax
+    >>> state = sam_optax.sharpness_aware(0.05).init(jnp.ones(3))
+    >>> isinstance(state.telemetry, sam_optax.Telemetry), float(state.telemetry.cosine)
+    (True, 0.0)
   """
   clean_grad_norm: jax.Array
   perturbation_norm: jax.Array

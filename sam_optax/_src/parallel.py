@@ -35,9 +35,8 @@ class SAMPaState(NamedTuple):
 
   Example:
     >>> import jax.numpy as jnp, optax, sam_optax
-    >>> state = sam_optax.sampa(optax.sgd(0.1)).init(jnp.ones(2))
-    >>> isinstance(state, sam_optax.SAMPaState), state.y_grad.tolist()   # first step unperturbed
-    (True, [0.0, 0.0])
+    >>> isinstance(sam_optax.sampa(optax.sgd(0.1)).init(jnp.ones(3)), sam_optax.SAMPaState)
+    True
   """
   count: jax.Array
   base: optax.OptState

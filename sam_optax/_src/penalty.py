@@ -18,7 +18,14 @@ ScalarOrSchedule = float | jax.Array | Callable[[jax.Array], jax.Array]
 class GradientNormPenaltyState(NamedTuple):
   """State of :func:`gradient_norm_penalty`: the core's state (its ``count`` is the
   argument of the ``alpha`` and ``rho`` schedules; its ``telemetry`` is the
-  perturbed pass's record)."""
+  perturbed pass's record).
+
+  Example:
+    >>> import jax.numpy as jnp, sam_optax
+    >>> state = sam_optax.gradient_norm_penalty().init(jnp.ones(3))
+    >>> isinstance(state, sam_optax.GradientNormPenaltyState)
+    True
+  """
   inner: core.SharpnessAwareState
 
 

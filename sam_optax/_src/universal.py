@@ -45,6 +45,11 @@ class UniversalSAMState(NamedTuple):
       the mean of :math:`\\|\\epsilon_i\\|`, ``perturbed_grad_norm`` the norm of
       the mean gradient over the samples, ``perturbed_loss`` the mean loss
       over the samples (when the closure returns losses).
+
+  Example:
+    >>> import jax.numpy as jnp, sam_optax
+    >>> isinstance(sam_optax.trace_sam().init(jnp.ones(3)), sam_optax.UniversalSAMState)
+    True
   """
   count: jax.Array
   key: jax.Array
