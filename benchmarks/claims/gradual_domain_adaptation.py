@@ -45,7 +45,7 @@ def settings(quick: bool) -> dict:
   if quick:
     return {"seeds": 3, "Ts": [1, 3], "source_epochs": 4, "stage_epochs": 2,
             "optimizers": ["adam", "sam_0.05"]}
-  return {"seeds": 3, "Ts": [1, 3, 7, 14], "source_epochs": 20, "stage_epochs": 10,
+  return {"seeds": 5, "Ts": [1, 3, 7, 14], "source_epochs": 20, "stage_epochs": 10,
           "optimizers": list(OPTS)}
 
 

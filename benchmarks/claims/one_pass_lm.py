@@ -43,8 +43,8 @@ LN2 = float(np.log(2.0))
 
 def settings(quick: bool) -> dict:
   if quick:
-    return {"seeds": 3, "steps": 200, "batch": 128, "epochs": [1, 16]}
-  return {"seeds": 3, "steps": 1200, "batch": 128, "epochs": [1, 8, 64]}
+    return {"seeds": 3, "steps": 150, "batch": 128, "epochs": [1, 16]}
+  return {"seeds": 5, "steps": 1200, "batch": 128, "epochs": [1, 8, 64]}
 
 
 def init(key):

@@ -170,6 +170,7 @@ def plot(m: dict, steps: np.ndarray, out: str) -> str:
   for i in range(len(m["ratio"])):
     ax.scatter(m["kappa"][i], m["ratio"][i], s=12, label=f"seed {i}")
   ax.set_xscale("log")
+  ax.xaxis.set_minor_formatter(plt.NullFormatter())
   ax.set_xlabel("kappa")
   ax.set_ylabel("r = s1 / s_K")
   ax.set_title("r against kappa, every checkpoint")
