@@ -18,9 +18,11 @@ CLAIMS_NB = [
     "`benchmarks/CLAIMS.md`). The rule: a test is *supported* when the 95% interval of its per-seed "
     "statistic excludes 0 on the predicted side, *not supported* when it lies wholly on the wrong side "
     "(or below the effect size the claim names), *inconclusive* otherwise.\n\n"
-    "This notebook re-runs three of them. Under `SAM_OPTAX_NOTEBOOK_SMALL=1` (the test suite) each "
-    "runs with its `--quick` settings, a smoke test whose verdicts mean little; otherwise with the full "
-    "ones, a few minutes each.",
+    "This notebook shows three of them. By default it reads the committed full run "
+    "(`benchmarks/claims/results.json` and its plots, written by `python -m benchmarks.claims`); set "
+    "`RERUN = True` below (or `SAM_OPTAX_CLAIMS_RERUN=1`) to re-run the three here with the full "
+    "settings, a few minutes each. Under `SAM_OPTAX_NOTEBOOK_SMALL=1` (the test suite) they re-run with "
+    "their `--quick` settings, a smoke test whose verdicts mean little.",
     SMALL,
     '''import json, os, sys, tempfile
 from IPython.display import Image, display
@@ -30,10 +32,22 @@ except ImportError:  # started from notebooks/: the repository root is one level
     sys.path.insert(0, os.path.abspath(".."))
 from benchmarks.claims import common, flat_minima_not_always_better, implicit_bias, one_step_degrades
 
-OUT = tempfile.mkdtemp(prefix="claims_")
+RERUN = SMALL or os.environ.get("SAM_OPTAX_CLAIMS_RERUN") == "1"
+OUT = tempfile.mkdtemp(prefix="claims_") if RERUN else common.HERE
+
+with open(os.path.join(common.HERE, "results.json")) as f:
+    committed = json.load(f)
+
+def get(module):
+    """The claim's record: re-run (RERUN) or the committed full run's."""
+    if RERUN:
+        return module.run(quick=SMALL, out=OUT)
+    name = module.__name__.rsplit(".", 1)[-1]
+    return next(c for c in committed["claims"] if c["name"] == name)
 
 def show(record):
-    print(f"{record['name']}: {record['verdict']} at this scale ({record['seconds']:.0f} s)")
+    print(f"{record['name']}: {record['verdict']} at this scale ({record['seconds']:.0f} s"
+          f"{', quick settings' if record['quick'] else ''})")
     for t in record["tests"]:
         lo, hi = t["ci95"]
         print(f"  {'primary ' if t['primary'] else '        '}{t['name']}: {t['mean']:+.3f} "
@@ -41,8 +55,6 @@ def show(record):
     for plot in record["plots"]:
         display(Image(filename=os.path.join(OUT, plot)))
 
-with open(os.path.join(common.HERE, "results.json")) as f:
-    committed = json.load(f)
 print("the committed full run:")
 for c in committed["claims"]:
     print(f"  {c['name']:<31} {c['verdict']}")''',
@@ -52,7 +64,7 @@ for c in committed["claims"]:
     "USAM (ε = ρg) the threshold solves ηλ(1 + ρλ) = 2, 12.4 instead of 20 at η = 0.1, ρ = 0.05; for "
     "SAM (ε = ρg/‖g‖) the same formula holds with ρ/‖g‖, so the plateau falls as the gradient shrinks. "
     "The right panel shows the feature rank of the last hidden layer against ρ.",
-    '''record = implicit_bias.run(quick=SMALL, out=OUT)
+    '''record = get(implicit_bias)
 show(record)''',
     "md:In the full run the three plateaus land on their closed forms (GD at 2/η, USAM at 12.4, SAM at "
     "the formula evaluated at its measured gradient norm). The flatness SAM buys is set by ρ and η "
@@ -61,14 +73,14 @@ show(record)''',
     "SAM evaluates the gradient at w + ρ g/‖g‖, one ascent step. How much of the worst case in the "
     "ρ-ball does that step reach? Second-order reasoning predicts the ratio r = s₁/s_K of one-step to "
     "multi-step sharpness falls as κ = ‖g‖/(ρλ_max) falls, which is what happens as training converges.",
-    '''record = one_step_degrades.run(quick=SMALL, out=OUT)
+    '''record = get(one_step_degrades)
 show(record)''',
     "md:## Flat minima need not generalize better\n\n"
     "Rescaling a ReLU net's first layer by α and its second by 1/α changes nothing the network computes, "
     "yet moves the top Hessian eigenvalue and the L2 sharpness by orders of magnitude (Dinh et al. "
     "2017); ASAM's adaptive sharpness is invariant. Over a grid of trained models, sharpness sorts the "
     "models by learning rate rather than by test error (Andriushchenko et al. 2023).",
-    '''record = flat_minima_not_always_better.run(quick=SMALL, out=OUT)
+    '''record = get(flat_minima_not_always_better)
 show(record)''',
     "md:What the three say together: SAM does flatten the solution in the sense its theory predicts, the "
     "one-step approximation it relies on gets worse exactly when training converges, and flatness as "

@@ -499,10 +499,10 @@ class SAFTrainState(TrainState):
 
 def _window_checks(fn: str, steps_per_epoch: int, start_epoch: int, end_epoch: int | None) -> None:
   from sam_optax._src.validation import check_int
-  check_int("steps_per_epoch", steps_per_epoch, fn, minimum=1)
-  check_int("start_epoch", start_epoch, fn, minimum=0)
+  steps_per_epoch = check_int("steps_per_epoch", steps_per_epoch, fn, minimum=1)
+  start_epoch = check_int("start_epoch", start_epoch, fn, minimum=0)
   if end_epoch is not None:
-    check_int("end_epoch", end_epoch, fn, minimum=0)
+    end_epoch = check_int("end_epoch", end_epoch, fn, minimum=0)
 
 
 def make_linen_saf_train_step(loss_fn: Callable[[jax.Array, jax.Array], jax.Array] =

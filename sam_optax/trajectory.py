@@ -78,9 +78,9 @@ def trajectory_loss(logits: jax.Array, ref_logits: jax.Array, *, temperature: fl
     Du, Yan, Feng, Zhou, Tan, Goh, `Sharpness-Aware Training for Free
     <https://arxiv.org/abs/2205.14083>`_, NeurIPS 2022.
   """
-  check_real("temperature", temperature, "trajectory_loss", low=0.0, low_open=True,
+  temperature = check_real("temperature", temperature, "trajectory_loss", low=0.0, low_open=True,
              hint="the paper uses 5")
-  check_real("weight", weight, "trajectory_loss", low=0.0)
+  weight = check_real("weight", weight, "trajectory_loss", low=0.0)
   logits = jnp.asarray(logits).astype(jnp.float32)
   ref = jax.lax.stop_gradient(jnp.asarray(ref_logits).astype(jnp.float32))
   if logits.shape != ref.shape or logits.ndim != 2:
@@ -166,9 +166,9 @@ def saf_init(num_examples: int, num_classes: int, lookback: int = 2,
     Du et al., `Sharpness-Aware Training for Free
     <https://arxiv.org/abs/2205.14083>`_, NeurIPS 2022.
   """
-  check_int("num_examples", num_examples, "saf_init", minimum=1)
-  check_int("num_classes", num_classes, "saf_init", minimum=1)
-  check_int("lookback", lookback, "saf_init", minimum=1, hint="the paper uses 2")
+  num_examples = check_int("num_examples", num_examples, "saf_init", minimum=1)
+  num_classes = check_int("num_classes", num_classes, "saf_init", minimum=1)
+  lookback = check_int("lookback", lookback, "saf_init", minimum=1, hint="the paper uses 2")
   slots = int(lookback) + 1
   return SAFState(jnp.zeros((num_examples, slots, num_classes), dtype),
                   jnp.full((num_examples, slots), -1, jnp.int32))
@@ -370,7 +370,7 @@ def weight_ema(decay: float = 0.9998) -> optax.GradientTransformationExtraArgs:
     Du et al., `Sharpness-Aware Training for Free
     <https://arxiv.org/abs/2205.14083>`_, NeurIPS 2022 (MESA).
   """
-  check_real("decay", decay, "weight_ema", low=0.0, high=1.0, high_open=True,
+  decay = check_real("decay", decay, "weight_ema", low=0.0, high=1.0, high_open=True,
              hint="0.9998 in the paper; about 1 - 1/steps for a short run")
 
   def init(params):

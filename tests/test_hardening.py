@@ -35,14 +35,18 @@ def make_params(dtype, seed=0):
   return {"w": draw(8, 4), "b": draw(8), "s": draw(3)}
 
 
+def leaf_terms(p, target=0.3):
+  terms = []
+  for i, x in enumerate(jax.tree.leaves(p)):
+    d = x - target
+    a2 = jnp.real(d * jnp.conj(d)) if jnp.iscomplexobj(d) else d * d
+    terms.append(jnp.sum((1.0 + i) * a2 + 0.05 * a2 * a2).astype(jnp.float32))
+  return terms
+
+
 def loss(p):
   """A real loss of params of any dtype, with curvature: sum c|x-t|^2 + 0.05|x-t|^4."""
-  total = 0.0
-  for i, x in enumerate(jax.tree.leaves(p)):
-    d = x - 0.3
-    a2 = jnp.real(d * jnp.conj(d)) if jnp.iscomplexobj(d) else d * d
-    total = total + jnp.sum((1.0 + i) * a2 + 0.05 * a2 * a2).astype(jnp.float32)
-  return total
+  return sum(leaf_terms(p))
 
 
 def descent_grad(p):
@@ -52,9 +56,20 @@ def descent_grad(p):
   return jax.tree.map(jnp.conj, jax.grad(loss)(p))
 
 
+def example_losses(p, loss_fn=None):
+  """Per-example losses for ESAM: the loss with three targets around ``loss``'s 0.3 (each
+  "example" pulls every leaf, as real examples do); with ``loss_fn`` (the poisoned loss of
+  the non-finite test), that loss three times."""
+  if loss_fn is not None:
+    return jnp.stack([loss_fn(p)] * 3)
+  return jnp.stack([sum(leaf_terms(p, target)) for target in (0.2, 0.3, 0.4)])
+
+
 def closure(name, grad_fn, p, loss_fn=None):
-  """The update's closure keywords for a row: ``grad_fn``, or for the rows that need the
-  losses ``value_and_grad_fn`` and ``value``."""
+  """The update's closure keywords for a row: ``grad_fn``, for the rows that need the
+  losses ``value_and_grad_fn`` and ``value``, for ESAM ``per_example_loss_fn``."""
+  if name.startswith("esam"):
+    return {"per_example_loss_fn": lambda q: example_losses(q, loss_fn)}
   loss_fn = loss_fn or loss
   if name in NEEDS_LOSS:
     return {"value_and_grad_fn": lambda q: (loss_fn(q), grad_fn(q)), "value": loss_fn(p)}
@@ -213,10 +228,11 @@ def test_every_numeric_hyperparameter_can_be_injected(name):
 
   row = "det_sam" if name in NEEDS_LOSS or name in ("det_sam", "frob_sam") else name
   per_example = lambda q: jnp.stack([loss(q), 2 * loss(q), 0.5 * loss(q), loss(q) + 1.0])
+  extra = {} if row.startswith("esam") else {"per_example_loss_fn": per_example}
 
   def run(opt):
     state = jax.jit(opt.init)(params)
-    step = jax.jit(lambda p, s: opt.update(jax.grad(loss)(p), s, p, per_example_loss_fn=per_example,
+    step = jax.jit(lambda p, s: opt.update(jax.grad(loss)(p), s, p, **extra,
                                            **closure(row, jax.grad(loss), p)))
     p = params
     for _ in range(3):
@@ -273,8 +289,11 @@ def test_params_sharded_over_a_mesh(name, axis_type):
       after = jax.tree.map(lambda x: x.sharding, (p, s))
       for a, b in zip(jax.tree.leaves(after), jax.tree.leaves(shardings), strict=True):
         assert a.is_equivalent_to(b, 1) or a.is_equivalent_to(b, 2), (a, b)
+  # Frob-SAM's covariance term is scaled by lam/rho^2 = 200: it multiplies the float32
+  # rounding differences of a sharded reduction order by as much
+  tol = {"rtol": 1e-3, "atol": 1e-4} if name == "frob_sam" else {"rtol": 1e-5, "atol": 1e-6}
   for a, b in zip(jax.tree.leaves(p), jax.tree.leaves(p_ref), strict=True):
-    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), **tol)
 
 
 # ---------------------------------------------------------------- non-finite steps
@@ -283,26 +302,37 @@ def test_params_sharded_over_a_mesh(name, axis_type):
 @pytest.mark.parametrize("name", sorted(OPTIMIZERS))
 def test_non_finite_step_is_skipped_and_leaves_the_state(name):
   """The recipe: ``sam_optax.apply_if_finite`` around the whole optimizer. A NaN at the
-  perturbed point (or, for msam, which takes no closure, in the gradient) is skipped:
-  zero update, the inner state exactly as before, the skip counted."""
+  perturbed point is skipped: zero update, the inner state exactly as before, the skip
+  counted. Rows that do not call the closure on every step (msam never; LookSAM on k-1
+  steps of k; the adaptive policy when it skips SAM; weight_ema has no closure) get the NaN
+  in the clean gradient as well, so that the poisoned step is one that sees it."""
   params = make_params("float32")
   opt = so.apply_if_finite(OPTIMIZERS[name](), max_consecutive_errors=3)
   poisoned = lambda p: jax.tree.map(lambda x: jnp.full_like(x, jnp.nan), p)
+  closure_not_always_called = name.startswith(("msam", "looksam", "adaptive_policy", "weight_ema"))
 
   def step(p, s, nan):
     g = jax.grad(loss)(p)
-    if nan and name.startswith("msam"):
+    if nan and closure_not_always_called:
       g = poisoned(g)
-    u, s = opt.update(g, s, p, **closure(name, poisoned if nan else jax.grad(loss), p))
+    nan_loss = (lambda q: loss(q) * jnp.nan) if nan else None
+    u, s = opt.update(g, s, p, **closure(name, poisoned if nan else jax.grad(loss), p, nan_loss))
     return optax.apply_updates(p, u), s
 
   step = jax.jit(step, static_argnums=2)
   p, s = step(params, opt.init(params), False)
   p_bad, s_bad = step(p, s, True)
-  for a, b in zip(jax.tree.leaves((p_bad, s_bad.inner_state)), jax.tree.leaves((p, s.inner_state)),
-                  strict=True):
+  kept, before = s_bad.inner_state, s.inner_state
+  if name == "apply_if_finite":
+    # the row is itself an apply_if_finite: the inner one zeroes the update and counts the
+    # skip (a finite output, which the outer accepts); what it wraps must be untouched
+    assert int(kept.notfinite_count) == int(before.notfinite_count) + 1
+    kept, before = kept.inner_state, before.inner_state
+  for a, b in zip(jax.tree.leaves((p_bad, kept)), jax.tree.leaves((p, before)), strict=True):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-  assert int(so.metrics(s_bad)["skipped_steps"]) == 1
+  # metrics() reports the outermost apply_if_finite: for the nested row, the one that skipped
+  assert int(so.metrics(s_bad.inner_state if name == "apply_if_finite" else s_bad)
+             ["skipped_steps"]) == 1
   p_next, s_next = step(p_bad, s_bad, False)
   assert int(s_next.notfinite_count) == 0
   assert all(np.all(np.isfinite(np.asarray(x))) for x in jax.tree.leaves(p_next))
@@ -389,11 +419,14 @@ def test_constructors_work_or_raise_a_clear_error(name, value):
   params = make_params("float32")
   if name.startswith(("det_sam", "frob_sam", "esam", "weight_ema")):
     return  # their update needs other closures; constructing is what is fuzzed here
-  chain = opt if name.startswith(("sam", "asam", "msam", "apply_if_finite", "bsam")) else \
-      optax.chain(opt, SGD()) if not name.startswith(("l2", "adaptive", "fisher", "friendly",
-                                                        "variance", "stochastic", "sparse",
-                                                        "random_weight")) else \
-      optax.chain(so.sharpness_aware(0.05, perturbation=opt), SGD())
+  factory = name.split(".")[0]
+  if factory in ("sam", "asam", "msam", "apply_if_finite", "bsam"):
+    chain = opt  # a complete optimizer
+  elif factory in ("l2", "adaptive", "fisher", "friendly", "variance_suppressed", "stochastic",
+                   "sparse", "random_weight"):
+    chain = optax.chain(so.sharpness_aware(0.05, perturbation=opt), SGD())  # a perturbation
+  else:
+    chain = optax.chain(opt, SGD())
   u, _ = chain.update(jax.grad(loss)(params), chain.init(params), params, grad_fn=jax.grad(loss))
   moderate = isinstance(value, (int, float)) and not isinstance(value, bool) and abs(value) <= 1e3
   if moderate:  # a huge radius or step size may overflow the loss: that is the user's number

@@ -29,8 +29,8 @@ def rss_mib() -> float:
 def test_soak_5000_steps(name):
   rng = np.random.default_rng(0)
   x = jnp.asarray(rng.normal(size=(512, 8)), jnp.float32)
-  y = jnp.asarray((rng.random(512) < 0.3) * rng.integers(0, 3, 512)  # label noise
-                  + (rng.random(512) >= 0.3) * (np.asarray(x[:, 0]) > 0), jnp.int32)
+  noisy = rng.random(512) < 0.3  # label noise: a random class for 30% of the examples
+  y = jnp.asarray(np.where(noisy, rng.integers(0, 3, 512), np.asarray(x[:, 0]) > 0), jnp.int32)
   params = mlp_init(0)
   opt = OPTIMIZERS[name]()
   traces = []

@@ -138,25 +138,25 @@ def bsam(learning_rate: ScalarOrSchedule, *, rho: float = 0.01, num_data: int,
   """
   fn = "bsam"
   if not callable(learning_rate):
-    check_real("learning_rate", learning_rate, fn, low=0.0, hint="the paper uses 0.5")
-  check_real("rho", rho, fn, low=0.0, hint="the paper uses 0.01")
-  check_int("num_data", num_data, fn, minimum=1,
+    learning_rate = check_real("learning_rate", learning_rate, fn, low=0.0, hint="the paper uses 0.5")
+  rho = check_real("rho", rho, fn, low=0.0, hint="the paper uses 0.01")
+  num_data = check_int("num_data", num_data, fn, minimum=1,
             hint="the number of training examples (times the augmentation factor)")
-  check_real("prior_precision", prior_precision, fn, low=0.0, hint="the paper uses 10")
+  prior_precision = check_real("prior_precision", prior_precision, fn, low=0.0, hint="the paper uses 10")
   for name, value in (("b1", b1), ("b2", b2)):
     check_real(name, value, fn, low=0.0, high=1.0, high_open=True)
-  check_real("damping", damping, fn, low=0.0, hint="the paper uses 0.1")
-  check_real("init_precision", init_precision, fn, low=0.0, low_open=True,
+  damping = check_real("damping", damping, fn, low=0.0, hint="the paper uses 0.1")
+  init_precision = check_real("init_precision", init_precision, fn, low=0.0, low_open=True,
              hint="the paper uses 1.0")
-  check_int("seed", seed, fn)
+  seed = check_int("seed", seed, fn)
 
   def init(params):
     if params is None:
       raise ValueError("`bsam.init(params)` needs the parameters, not None.")
     _check_real_params(params, fn)
-    zeros = jax.tree.map(lambda w: jnp.zeros(jnp.shape(w), _buffer_dtype(w)), params)
-    prec = jax.tree.map(lambda w: jnp.full(jnp.shape(w), init_precision, _buffer_dtype(w)),
-                        params)
+    # *_like: the buffers take the params' sharding (a sharded weight gets sharded moments)
+    zeros = jax.tree.map(lambda w: jnp.zeros_like(w, _buffer_dtype(w)), params)
+    prec = jax.tree.map(lambda w: jnp.full_like(w, init_precision, _buffer_dtype(w)), params)
     return BayesianSAMState(jnp.zeros([], jnp.int32), jax.random.key_data(jax.random.key(seed)),
                             zeros, prec, jnp.asarray(num_data, jnp.float32),
                             core.empty_telemetry())

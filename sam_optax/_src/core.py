@@ -110,12 +110,13 @@ class SharpnessAwareState(NamedTuple):
   telemetry: Telemetry | None = None
 
 
-def check_rho(rho: Any, fn: str = "sharpness_aware") -> None:
-  """Raises on a rho that is neither a schedule nor a finite number >= 0."""
+def check_rho(rho: Any, fn: str = "sharpness_aware") -> Any:
+  """Raises on a rho that is neither a schedule nor a finite number >= 0; returns it
+  (a concrete number as a Python float)."""
   if callable(rho):
-    return
+    return rho
   try:
-    check_real("rho", rho, fn, low=0.0)
+    return check_real("rho", rho, fn, low=0.0)
   except TypeError:
     raise TypeError(f"`{fn}(rho=...)` must be a float or a schedule (a callable of the "
                     f"step count), got {type(rho).__name__} {rho!r}.") from None
@@ -369,12 +370,12 @@ def sharpness_aware(
     Efficiently Improving Generalization <https://arxiv.org/abs/2010.01412>`_,
     ICLR 2021.
   """
-  check_rho(rho)
-  pert._check_nonneg("eps", eps, "sharpness_aware", "use a small positive value such as 1e-12.")
+  rho = check_rho(rho)
+  eps = pert._check_nonneg("eps", eps, "sharpness_aware", "use a small positive value such as 1e-12.")
   # None means 1: a default of None keeps `optax.inject_hyperparams(sharpness_aware)`
   # from turning this structural int into a traced hyperparameter.
   ascent_steps = 1 if ascent_steps is None else ascent_steps
-  check_static_int("ascent_steps", ascent_steps, "sharpness_aware", hint="1 is SAM")
+  ascent_steps = check_static_int("ascent_steps", ascent_steps, "sharpness_aware", hint="1 is SAM")
   ascent_steps = int(ascent_steps)
   check_axis_name(axis_name, "sharpness_aware")
   if perturbation is None:

@@ -143,10 +143,10 @@ def esam(rho: core.ScalarOrSchedule = 0.05, gamma: float = 0.5, *,
     <https://arxiv.org/abs/2110.03141>`_, ICLR 2022.
   """
   fn = "esam"
-  core.check_rho(rho, fn)
-  check_real("gamma", gamma, fn, low=0.0, high=1.0, low_open=True,
+  rho = core.check_rho(rho, fn)
+  gamma = check_real("gamma", gamma, fn, low=0.0, high=1.0, low_open=True,
              hint="the fraction of the batch kept for the second pass; the paper uses 0.5")
-  check_real("eps", eps, fn, low=0.0)
+  eps = check_real("eps", eps, fn, low=0.0)
   if perturbation is None:
     perturbation = pert.stochastic(0.6, seed=seed, eps=eps)
   core.check_transform("perturbation", perturbation, fn)
@@ -208,6 +208,9 @@ def esam(rho: core.ScalarOrSchedule = 0.05, gamma: float = 0.5, *,
       mask = top_mask(perturbed - clean, k)
       (g_adv,) = vjp(mask / jnp.asarray(k, jnp.float32))
     core._describe_mismatch(g_adv, params, "the gradient of `per_example_loss_fn`", name)
+    # JAX's gradient of a real loss in complex weights is the conjugate of the ascent
+    # direction; the gradients optax descends along (and the caller's `updates`) are not
+    g_adv = jax.tree.map(lambda x: jnp.conj(x) if jnp.iscomplexobj(x) else x, g_adv)
     g_adv = tu.cast_like(g_adv, updates)
     record = None
     if telemetry:

@@ -52,7 +52,7 @@ def apply_if_finite(inner: optax.GradientTransformation, max_consecutive_errors:
     (Array([0., 0.], dtype=float32), 1)
   """
   check_transform("inner", inner, "apply_if_finite")
-  check_int("max_consecutive_errors", max_consecutive_errors, "apply_if_finite", minimum=0)
+  max_consecutive_errors = check_int("max_consecutive_errors", max_consecutive_errors, "apply_if_finite", minimum=0)
   inner_update = optax.with_extra_args_support(inner).update
 
   def init(params):

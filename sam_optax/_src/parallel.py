@@ -155,9 +155,9 @@ def sampa(base_optimizer: optax.GradientTransformation, rho: core.ScalarOrSchedu
   """
   fn = "sampa"
   check_transform("base_optimizer", base_optimizer, fn)
-  core.check_rho(rho, fn)
-  check_real("lam", lam, fn, low=0.0, high=1.0, hint="the paper uses 0.2")
-  check_real("eps", eps, fn, low=0.0)
+  rho = core.check_rho(rho, fn)
+  lam = check_real("lam", lam, fn, low=0.0, high=1.0, hint="the paper uses 0.2")
+  eps = check_real("eps", eps, fn, low=0.0)
   axis = _mesh_axis_of(mesh, mesh_axis) if mesh is not None else None
   if mesh is None and mesh_axis is not None:
     raise ValueError("`sampa(mesh_axis=...)` needs `mesh=` (the mesh that axis belongs to).")

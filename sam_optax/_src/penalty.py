@@ -32,7 +32,7 @@ class GradientNormPenaltyState(NamedTuple):
 def _check_alpha(alpha, fn: str) -> None:
   if callable(alpha):
     return
-  core.check_real("alpha", alpha, fn, low=0.0, high=1.0,
+  alpha = core.check_real("alpha", alpha, fn, low=0.0, high=1.0,
                   hint="alpha = 1 is SAM, 0 the base optimizer; the paper's default is 0.8")
 
 
@@ -105,7 +105,7 @@ def gradient_norm_penalty(rho: ScalarOrSchedule = 0.1, alpha: ScalarOrSchedule =
     <https://arxiv.org/abs/2406.09723>`_, ICML 2024.
   """
   fn = "gradient_norm_penalty"
-  core.check_rho(rho, fn)
+  rho = core.check_rho(rho, fn)
   _check_alpha(alpha, fn)
   inner = core.sharpness_aware(rho, perturbation=perturbation, eps=eps)
 

@@ -79,16 +79,16 @@ def project_l2(delta: PyTree, radius: jax.Array, params: PyTree) -> PyTree:
   return tu.scale(delta, jnp.minimum(1.0, radius * tu.safe_inverse(n, 0.0)))
 
 
-def _check_nonneg(name: str, value: float, fn: str, hint: str) -> None:
-  check_real(name, value, fn, low=0.0, hint=hint.rstrip("."))
+def _check_nonneg(name: str, value: float, fn: str, hint: str) -> Any:
+  return check_real(name, value, fn, low=0.0, hint=hint.rstrip("."))
 
 
-def _check_unit(name: str, value: float, fn: str, *, open_left: bool = True) -> None:
-  check_real(name, value, fn, low=0.0, high=1.0, low_open=open_left)
+def _check_unit(name: str, value: float, fn: str, *, open_left: bool = True) -> Any:
+  return check_real(name, value, fn, low=0.0, high=1.0, low_open=open_left)
 
 
-def _check_decay(name: str, value: float, fn: str) -> None:
-  check_real(name, value, fn, low=0.0, high=1.0, high_open=True)
+def _check_decay(name: str, value: float, fn: str) -> Any:
+  return check_real(name, value, fn, low=0.0, high=1.0, high_open=True)
 
 
 def _need_params(params: PyTree, fn: str) -> None:
@@ -128,7 +128,7 @@ def l2(eps: float = 1e-12) -> Perturbation:
     Efficiently Improving Generalization <https://arxiv.org/abs/2010.01412>`_,
     ICLR 2021.
   """
-  _check_nonneg("eps", eps, "l2", "use a small positive value such as 1e-12.")
+  eps = _check_nonneg("eps", eps, "l2", "use a small positive value such as 1e-12.")
 
   def update(updates, state, params=None, **extra_args):
     del params, extra_args
@@ -240,7 +240,7 @@ def adaptive(eta: float = 0.01, *, base: optax.GradientTransformation | None = N
     Scale-Invariant Learning of Deep Neural Networks
     <https://arxiv.org/abs/2102.11600>`_, ICML 2021.
   """
-  _check_nonneg("eta", eta, "adaptive", "the paper uses eta=0.01.")
+  eta = _check_nonneg("eta", eta, "adaptive", "the paper uses eta=0.01.")
   inner = l2() if base is None else base
   inner_update = optax.with_extra_args_support(inner).update
   inner_project = projection_of(inner)
@@ -465,7 +465,7 @@ def fisher(eta: float = 1.0, eps: float = 1e-12) -> Perturbation:
     Kim, Li, Hu, Hospedales, `Fisher SAM: Information Geometry and Sharpness
     Aware Minimisation <https://arxiv.org/abs/2206.04920>`_, ICML 2022.
   """
-  _check_nonneg("eta", eta, "fisher", "the paper uses eta=1.0.")
+  eta = _check_nonneg("eta", eta, "fisher", "the paper uses eta=1.0.")
 
   def update(updates, state, params=None, **extra_args):
     del params, extra_args
@@ -518,8 +518,8 @@ def friendly(sigma: float = 1.0, decay: float = 0.9, eps: float = 1e-12) -> Pert
     Li, Zhou, Cheng, Pan, Yang, `Friendly Sharpness-Aware Minimization
     <https://arxiv.org/abs/2403.12350>`_, CVPR 2024.
   """
-  _check_nonneg("sigma", sigma, "friendly", "the paper uses sigma=1.0.")
-  _check_decay("decay", decay, "friendly")
+  sigma = _check_nonneg("sigma", sigma, "friendly", "the paper uses sigma=1.0.")
+  decay = _check_decay("decay", decay, "friendly")
 
   def init(params):
     return FriendlyState(jnp.zeros([], jnp.int32), tu.zeros_like(params))
@@ -572,7 +572,7 @@ def variance_suppressed(theta: float = 0.9, eps: float = 1e-12) -> Perturbation:
     Li, Giannakis, `Enhancing Sharpness-Aware Optimization Through Variance
     Suppression <https://arxiv.org/abs/2309.15639>`_, NeurIPS 2023.
   """
-  _check_unit("theta", theta, "variance_suppressed")
+  theta = _check_unit("theta", theta, "variance_suppressed")
 
   def init(params):
     return VarianceSuppressedState(jnp.zeros([], jnp.int32), tu.zeros_like(params))
@@ -631,7 +631,8 @@ def stochastic(keep_prob: float = 0.5, seed: int = 0, eps: float = 1e-12) -> Per
     Minimization for Improved Training of Neural Networks
     <https://arxiv.org/abs/2110.03141>`_, ICLR 2022.
   """
-  _check_unit("keep_prob", keep_prob, "stochastic")
+  keep_prob = _check_unit("keep_prob", keep_prob, "stochastic")
+  seed = check_int("seed", seed, "stochastic")
 
   def init(params):
     del params
@@ -706,9 +707,9 @@ def sparse(sparsity: float = 0.5, refresh_every: int = 100, decay: float = 0.9,
     Stronger: A Sparsified Perturbation Approach
     <https://arxiv.org/abs/2210.05177>`_, NeurIPS 2022.
   """
-  _check_decay("sparsity", sparsity, "sparse")
-  check_int("refresh_every", refresh_every, "sparse", minimum=1)
-  _check_decay("decay", decay, "sparse")
+  sparsity = _check_decay("sparsity", sparsity, "sparse")
+  refresh_every = check_int("refresh_every", refresh_every, "sparse", minimum=1)
+  decay = _check_decay("decay", decay, "sparse")
 
   def init(params):
     return SparseState(jnp.zeros([], jnp.int32),
@@ -793,7 +794,8 @@ def random_weight(sigma: float = 0.015, seed: int = 0) -> Perturbation:
     Efficiently Improving Generalization <https://arxiv.org/abs/2404.00357>`_,
     TMLR 2024.
   """
-  _check_nonneg("sigma", sigma, "random_weight", "the paper uses sigma=0.015.")
+  sigma = _check_nonneg("sigma", sigma, "random_weight", "the paper uses sigma=0.015.")
+  seed = check_int("seed", seed, "random_weight")
 
   def init(params):
     del params

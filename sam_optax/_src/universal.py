@@ -172,11 +172,12 @@ def _universal(fn: str, rule: Callable, *, rho: Any, num_samples: int, seed: Any
   return optax.GradientTransformationExtraArgs(init, update)
 
 
-def _check_common(fn: str, rho: Any, num_samples: Any, seed: Any, minimum: int = 1) -> None:
-  core.check_rho(rho, fn)
-  check_static_int("num_samples", num_samples, fn, minimum=minimum,
+def _check_common(fn: str, rho: Any, num_samples: Any, seed: Any, minimum: int = 1) -> tuple:
+  rho = core.check_rho(rho, fn)
+  num_samples = check_static_int("num_samples", num_samples, fn, minimum=minimum,
                    hint="the samples are evaluated in one vmapped call of the closure")
-  check_int("seed", seed, fn)
+  seed = check_int("seed", seed, fn)
+  return rho, num_samples, seed
 
 
 # ------------------------------------------------------------------- Trace
@@ -243,7 +244,7 @@ def trace_sam(rho: core.ScalarOrSchedule = 0.01, num_samples: int = 1, seed: int
     ICML 2024.
   """
   fn = "trace_sam"
-  _check_common(fn, rho, num_samples, seed)
+  rho, num_samples, seed = _check_common(fn, rho, num_samples, seed)
   if distribution not in ("normal", "sphere"):
     raise ValueError(f"`{fn}(distribution=...)` must be 'normal' or 'sphere', got "
                      f"{distribution!r}.")
@@ -308,8 +309,8 @@ def frob_sam(rho: core.ScalarOrSchedule = 0.005, lam: float = 0.005, num_samples
     ICML 2024.
   """
   fn = "frob_sam"
-  _check_common(fn, rho, num_samples, seed, minimum=2)
-  check_real("lam", lam, fn, low=0.0, hint="the paper uses 0.005")
+  rho, num_samples, seed = _check_common(fn, rho, num_samples, seed, minimum=2)
+  lam = check_real("lam", lam, fn, low=0.0, hint="the paper uses 0.005")
   n = int(num_samples)
 
   def rule(g, losses, grads, clean_loss, radius, params):
@@ -388,9 +389,9 @@ def det_sam(rho: core.ScalarOrSchedule = 1.0, lam: float = 1.0, h: float = 0.01,
     ICML 2024.
   """
   fn = "det_sam"
-  _check_common(fn, rho, num_samples, seed)
-  check_real("lam", lam, fn, low=0.0, hint="the paper uses 1.0")
-  check_real("h", h, fn, low=0.0, low_open=True, hint="the paper uses 0.01")
+  rho, num_samples, seed = _check_common(fn, rho, num_samples, seed)
+  lam = check_real("lam", lam, fn, low=0.0, hint="the paper uses 1.0")
+  h = check_real("h", h, fn, low=0.0, low_open=True, hint="the paper uses 0.01")
   n = int(num_samples)
 
   def rule(g, losses, grads, clean_loss, radius, params):

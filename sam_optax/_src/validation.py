@@ -34,11 +34,16 @@ def _concrete_scalar(value: Any, name: str, fn: str, kind: str) -> Any:
 
 def check_real(name: str, value: Any, fn: str, *, low: float | None = None,
                high: float | None = None, low_open: bool = False, high_open: bool = False,
-               hint: str = "") -> None:
-  """A finite real scalar within [low, high] (ends open where asked)."""
+               hint: str = "") -> Any:
+  """A finite real scalar within [low, high] (ends open where asked).
+
+  Returns it as a Python float (a traced value unchanged), so that an int such
+  as 2**31 or a product of ints never overflows the int32 a jitted step would
+  give it.
+  """
   v = _concrete_scalar(value, name, fn, "a real number")
   if v is None:
-    return
+    return value
   v = float(v)
   bad = not math.isfinite(v)
   if low is not None:
@@ -57,29 +62,56 @@ def check_real(name: str, value: Any, fn: str, *, low: float | None = None,
       where = ""
     raise ValueError(f"`{fn}({name}=...)` must be finite{where}, got {value!r}"
                      + (f"; {hint}." if hint else "."))
+  return v
+
+
+INT32_MAX = 2**31 - 1
 
 
 def check_int(name: str, value: Any, fn: str, *, minimum: int | None = None,
-              hint: str = "") -> None:
-  """An integer scalar (Python, numpy or a concrete int array) >= minimum."""
+              maximum: int = INT32_MAX, hint: str = "") -> Any:
+  """An integer scalar (Python, numpy or a concrete int array) in [minimum, maximum].
+
+  Returns it as a Python int (a traced value unchanged). The default maximum is
+  the int32 range, which is what a jitted step holds it in.
+  """
   v = _concrete_scalar(value, name, fn, "an int")
   if v is None:
-    return
+    return value
   if not isinstance(v, numbers.Integral):
     raise TypeError(f"`{fn}({name}=...)` must be an int, got {type(v).__name__} {value!r}"
                     + (f"; {hint}." if hint else "."))
   if minimum is not None and v < minimum:
     raise ValueError(f"`{fn}({name}=...)` must be an int >= {minimum}, got {value!r}"
                      + (f"; {hint}." if hint else "."))
+  if v > maximum:
+    raise ValueError(f"`{fn}({name}=...)` must be an int <= {maximum}"
+                     + (" (it is held as an int32 in the jitted step)" if maximum == INT32_MAX
+                        else "") + f", got {value!r}" + (f"; {hint}." if hint else "."))
+  return int(v)
 
 
-def check_static_int(name: str, value: Any, fn: str, *, minimum: int = 1, hint: str = "") -> None:
-  """An int that fixes the program's structure (a number of passes): never traced."""
+MAX_PASSES = 1024
+
+
+def check_static_int(name: str, value: Any, fn: str, *, minimum: int = 1, hint: str = "",
+                     maximum: int = MAX_PASSES) -> Any:
+  """An int that fixes the program's structure (a number of passes): never traced.
+
+  Capped at ``maximum``: each pass is unrolled in the trace or held in memory
+  at once (vmapped samples), so a count in the millions would hang the trace
+  or exhaust memory instead of failing with a message.
+  """
   if isinstance(value, jax.core.Tracer):
     raise TypeError(f"`{fn}({name}=...)` sets how many gradient passes the step traces and "
                     "cannot be a traced value; with `optax.inject_hyperparams` list it in "
                     f"`static_args=('{name}',)`.")
-  check_int(name, value, fn, minimum=minimum, hint=hint)
+  v = check_int(name, value, fn, minimum=minimum, hint=hint)
+  if v > maximum:
+    raise ValueError(f"`{fn}({name}=...)` must be an int <= {maximum} (each pass is traced or "
+                     f"held in memory at once), got {value!r}; average over several steps "
+                     "instead of asking for more passes in one.")
+  return v
 
 
 def check_transform(name: str, value: Any, fn: str) -> None:

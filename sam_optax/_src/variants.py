@@ -85,6 +85,7 @@ def gsam(rho: core.ScalarOrSchedule = 0.05, alpha: float = 0.6, *,
     `Surrogate Gap Guided Sharpness-Aware Minimization
     <https://arxiv.org/abs/2203.08065>`_, ICLR 2022.
   """
+  alpha = check_real("alpha", alpha, "gsam", low=0.0, hint="the paper uses 0.01 to 0.3")
   inner = core.sharpness_aware(rho, perturbation=perturbation, eps=eps, axis_name=axis_name)
 
   def init(params):
@@ -133,8 +134,8 @@ def rho_schedule_from_lr(lr_schedule: optax.Schedule, rho_max: float,
   if lr_max == lr_min:
     raise ValueError("`rho_schedule_from_lr`: `lr_max` and `lr_min` must differ; with a "
                      "constant learning rate use a constant `rho`.")
-  core.check_rho(rho_max, "rho_schedule_from_lr")
-  core.check_rho(rho_min, "rho_schedule_from_lr")
+  rho_max = core.check_rho(rho_max, "rho_schedule_from_lr")
+  rho_min = core.check_rho(rho_min, "rho_schedule_from_lr")
 
   def schedule(count):
     lr = jnp.asarray(lr_schedule(count), jnp.float32)
@@ -214,7 +215,8 @@ def looksam(rho: core.ScalarOrSchedule = 0.05, k: int = 5, alpha: float = 0.7, *
     Liu, Mai, Chen, Hsieh, You, `Towards Efficient and Scalable Sharpness-Aware
     Minimization <https://arxiv.org/abs/2203.02714>`_, CVPR 2022.
   """
-  check_int("k", k, "looksam", minimum=1, hint="the paper uses 5")
+  k = check_int("k", k, "looksam", minimum=1, hint="the paper uses 5")
+  alpha = check_real("alpha", alpha, "looksam", low=0.0, hint="the paper uses 0.7")
   inner = core.sharpness_aware(rho, perturbation=perturbation, eps=eps)
 
   def init(params):
@@ -326,9 +328,9 @@ def randomized(transform: optax.GradientTransformation,
   """
   check_transform("transform", transform, "randomized")
   if not callable(probability):
-    check_real("probability", probability, "randomized", low=0.0, high=1.0,
+    probability = check_real("probability", probability, "randomized", low=0.0, high=1.0,
                     hint="0.5 runs the second pass on half the steps")
-  check_int("seed", seed, "randomized")
+  seed = check_int("seed", seed, "randomized")
   inner_update = optax.with_extra_args_support(transform).update
 
   def prob_at(count):
@@ -438,11 +440,11 @@ def adaptive_policy(transform: optax.GradientTransformation, *, total_steps: int
     Minimization <https://arxiv.org/abs/2304.14647>`_, ICLR 2023.
   """
   check_transform("transform", transform, "adaptive_policy")
-  check_int("total_steps", total_steps, "adaptive_policy", minimum=1,
+  total_steps = check_int("total_steps", total_steps, "adaptive_policy", minimum=1,
                  hint="pass the training length in steps")
-  check_real("decay", decay, "adaptive_policy", low=0.0, high=1.0, high_open=True)
-  check_real("lambda_start", lambda_start, "adaptive_policy")
-  check_real("lambda_end", lambda_end, "adaptive_policy")
+  decay = check_real("decay", decay, "adaptive_policy", low=0.0, high=1.0, high_open=True)
+  lambda_start = check_real("lambda_start", lambda_start, "adaptive_policy")
+  lambda_end = check_real("lambda_end", lambda_end, "adaptive_policy")
   inner_update = optax.with_extra_args_support(transform).update
 
   def init(params):
@@ -576,7 +578,7 @@ def msam(base_optimizer: optax.GradientTransformation, rho: float = 0.3, *,
     Becker, Altrock, Risse, `Momentum-SAM: Sharpness Aware Minimization without
     Computational Overhead <https://arxiv.org/abs/2401.12033>`_, 2024.
   """
-  core.check_rho(rho, "msam")
+  rho = core.check_rho(rho, "msam")
   base = optax.with_extra_args_support(base_optimizer)
   path_cache: dict[str, tuple] = {}
 
