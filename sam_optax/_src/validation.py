@@ -81,6 +81,7 @@ def check_int(name: str, value: Any, fn: str, *, minimum: int | None = None,
   if not isinstance(v, numbers.Integral):
     raise TypeError(f"`{fn}({name}=...)` must be an int, got {type(v).__name__} {value!r}"
                     + (f"; {hint}." if hint else "."))
+  v = int(v)
   if minimum is not None and v < minimum:
     raise ValueError(f"`{fn}({name}=...)` must be an int >= {minimum}, got {value!r}"
                      + (f"; {hint}." if hint else "."))
@@ -88,7 +89,7 @@ def check_int(name: str, value: Any, fn: str, *, minimum: int | None = None,
     raise ValueError(f"`{fn}({name}=...)` must be an int <= {maximum}"
                      + (" (it is held as an int32 in the jitted step)" if maximum == INT32_MAX
                         else "") + f", got {value!r}" + (f"; {hint}." if hint else "."))
-  return int(v)
+  return v
 
 
 MAX_PASSES = 1024
