@@ -66,27 +66,45 @@ for c in committed["claims"]:
     "The right panel shows the feature rank of the last hidden layer against ρ.",
     '''record = get(implicit_bias)
 show(record)''',
-    "md:In the full run the three plateaus land on their closed forms (GD at 2/η, USAM at 12.4, SAM at "
-    "the formula evaluated at its measured gradient norm). The flatness SAM buys is set by ρ and η "
-    "together, not by the data.",
+    "md:In the committed full run the three plateaus do land on their closed forms: GD at 20.22 against "
+    "2/η = 20, USAM at 12.55 against 12.36, SAM at 6.62 against 6.42 (the formula evaluated at its "
+    "measured gradient norm), each within 10% on every seed, and the 2-cycle on the quadratic has "
+    "exactly the predicted amplitude. USAM's plateau is set by ρ and η alone; SAM's also moves with "
+    "the gradient norm, which is why it is the lowest. The feature-rank half does not reproduce "
+    "Andriushchenko et al.: the rank rises from 73.8 at ρ = 0 to 91.6 at ρ = 0.2 and falls below "
+    "SGD's only at ρ = 0.8 (66.4), so Spearman(ρ, rank) is −0.131 with an interval that includes 0, "
+    "and the claim is *inconclusive* at this scale.",
     "md:## The one-step ascent degrades during training\n\n"
     "SAM evaluates the gradient at w + ρ g/‖g‖, one ascent step. How much of the worst case in the "
     "ρ-ball does that step reach? Second-order reasoning predicts the ratio r = s₁/s_K of one-step to "
-    "multi-step sharpness falls as κ = ‖g‖/(ρλ_max) falls, which is what happens as training converges.",
+    "multi-step sharpness falls as κ = ‖g‖/(ρλ_max) falls during training. In the committed full run it "
+    "does: r falls from 0.990 at initialization to 0.785 after 960 steps (first quarter of the "
+    "checkpoints minus the last: +0.191, 95% interval [+0.136, +0.245]), the one-step and multi-step "
+    "perturbations drift apart (cosine 0.990 → 0.727), and r follows κ with a Spearman correlation of "
+    "+0.936, so the claim is *supported*. κ only falls to 0.479, so r is still far above its quadratic "
+    "limit (the Rayleigh quotient, 0.337 at the end).",
     '''record = get(one_step_degrades)
 show(record)''',
     "md:## Flat minima need not generalize better\n\n"
     "Rescaling a ReLU net's first layer by α and its second by 1/α changes nothing the network computes, "
     "yet moves the top Hessian eigenvalue and the L2 sharpness by orders of magnitude (Dinh et al. "
     "2017); ASAM's adaptive sharpness is invariant. Over a grid of trained models, sharpness sorts the "
-    "models by learning rate rather than by test error (Andriushchenko et al. 2023).",
+    "models by learning rate rather than by test error (Andriushchenko et al. 2023). In the committed "
+    "full run both hold for the standard measures: with the logits unchanged, λ_max goes from 1.417 at "
+    "α = 1 to 76.375 at α = 0.1 while the adaptive sharpness stays at 0.020, and over the 141 grid "
+    "models that fit the training set λ_max ranks them by learning rate (τ = −0.71) far more than by "
+    "test error (τ = +0.24); all four primary tests are *supported*. Adaptive sharpness is the "
+    "exception: it ignores the learning rate (τ = +0.02) and tracks test error (τ = +0.42).",
     '''record = get(flat_minima_not_always_better)
 show(record)''',
-    "md:What the three say together: SAM does flatten the solution in the sense its theory predicts, the "
-    "one-step approximation it relies on gets worse exactly when training converges, and flatness as "
-    "usually measured is a property of the parametrization and the learning rate as much as of "
-    "generalization. `benchmarks/CLAIMS.md` has the tables, the other five claims, and what a larger "
-    "scale could change.",
+    "md:What the three say together, at this scale: SAM does flatten the solution in the sense its "
+    "stability theory predicts (its λ_max plateau is the lowest, where the formula puts it), though the "
+    "low-rank features reported for larger networks do not appear here; the one-step approximation it "
+    "relies on reaches less of the worst case as the gradient shrinks relative to the curvature; and "
+    "flatness measured by λ_max or L2 sharpness is a property of the parametrization and the learning "
+    "rate as much as of generalization, while the rescaling-invariant adaptive sharpness does track "
+    "test error on this grid. `benchmarks/CLAIMS.md` has the tables, the other five claims, and what a "
+    "larger scale could change.",
 ]
 
 if __name__ == "__main__":

@@ -120,7 +120,6 @@ def plot(res: dict, cfg: dict, out: str) -> str:
   C.errorbar(a2, es, np.stack([res["adamw"][e] - res["sam_half"][e] for e in es], 1),
              "equal gradient evaluations", color="C2", ls="--")
   a2.axhline(0, color="k", lw=0.8)
-  a1.set_yscale("log")
   for ax, ylabel in ((a1, "validation bits per byte"), (a2, "AdamW - SAM (bits/byte; > 0: SAM better)")):
     ax.set_xscale("log")
     ax.set_xticks(es, [str(e) for e in es])
