@@ -35,6 +35,11 @@ except ImportError:  # pragma: no cover
   tqdm = None
 
 
+# measured with the default CNN and 40% label noise: at rho = 0.1 on mnist5k, SAM (and ESAM,
+# SAMPa) stay at chance accuracy for the first epochs, where 0.05 trains
+DEFAULT_RHO = {"digits": 0.1, "mnist5k": 0.05}
+
+
 def make_model(name: str):
   import flax.linen as nn
 
@@ -323,8 +328,10 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument("--lr", type=float, default=0.05,
                       help="peak learning rate of the SGD-based optimizers, cosine decay to 0 "
                            "(adamw: 3e-3)")
-  parser.add_argument("--rho", type=float, default=0.1,
-                      help="SAM radius (ASAM uses 10x, MSAM 3x, GSAM decays it to rho/5)")
+  parser.add_argument("--rho", type=float, default=None,
+                      help="SAM radius (ASAM uses 10x, MSAM 3x, GSAM decays it to rho/5); "
+                           "default 0.1 on digits, 0.05 on mnist5k (where 0.1 stalls SAM at "
+                           "chance accuracy: 40%% label noise, BatchNorm CNN)")
   parser.add_argument("--out", default="demo_out",
                       help="folder for the plot, metrics.jsonl (per-epoch metrics) and run.json")
   parser.add_argument("--dataset", choices=["digits", "mnist5k"], default="digits",
@@ -338,6 +345,8 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument("--no-sharpness", action="store_true",
                       help="skip the final solution's Hessian top eigenvalue and max-sharpness")
   args = parser.parse_args(argv)
+  if args.rho is None:
+    args.rho = DEFAULT_RHO[args.dataset]
 
   names = [n.strip() for n in args.optimizers.split(",") if n.strip()]
   load = {"digits": load_digits, "mnist5k": load_mnist5k}[args.dataset]
