@@ -510,6 +510,19 @@ def errorbar(ax, x, runs, label, **kw):
               capsize=3, marker="o", ms=4, **kw)
 
 
+def repetition_axes(axes_and_labels, epochs, steps: int) -> None:
+  """Formats the panels of a :func:`repetition_sweep` plot: passes over the data on a log x
+  axis labelled at each swept value, the y label, a grid and the legend."""
+  for ax, ylabel in axes_and_labels:
+    ax.set_xscale("log")
+    ax.set_xticks(epochs, [str(e) for e in epochs])
+    ax.minorticks_off()
+    ax.set_xlabel(f"passes over the data (fixed {steps} steps)")
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+
+
 # ---------------------------------------------------------------------- the CLI
 
 

@@ -120,14 +120,8 @@ def plot(res: dict, cfg: dict, out: str) -> str:
   C.errorbar(a2, es, np.stack([res["adamw"][e] - res["sam_half"][e] for e in es], 1),
              "equal gradient evaluations", color="C2", ls="--")
   a2.axhline(0, color="k", lw=0.8)
-  for ax, ylabel in ((a1, "validation bits per byte"), (a2, "AdamW - SAM (bits/byte; > 0: SAM better)")):
-    ax.set_xscale("log")
-    ax.set_xticks(es, [str(e) for e in es])
-    ax.minorticks_off()
-    ax.set_xlabel(f"passes over the data (fixed {cfg['steps']} steps)")
-    ax.set_ylabel(ylabel)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
+  C.repetition_axes(((a1, "validation bits per byte"),
+                     (a2, "AdamW - SAM (bits/byte; > 0: SAM better)")), es, cfg["steps"])
   a1.set_title("byte-level MLP LM on the stdlib's .py files")
   a2.set_title("SAM's gain")
   return C.save(fig, out, NAME)

@@ -85,14 +85,7 @@ def plot(res: dict, cfg: dict, out: str) -> str:
     C.errorbar(a2, es, np.stack([res[f"sam_{rho}_half"][e] - res["adamw"][e] for e in es], 1),
                f"SAM rho={rho}, half the steps", color=f"C{j}", ls="--", alpha=0.6)
   a2.axhline(0, color="k", lw=0.8)
-  for ax, ylabel in ((a1, "test accuracy (%)"), (a2, "SAM - AdamW (points)")):
-    ax.set_xscale("log")
-    ax.set_xticks(es, [str(e) for e in es])
-    ax.minorticks_off()
-    ax.set_xlabel(f"passes over the data (fixed {cfg['steps']} steps)")
-    ax.set_ylabel(ylabel)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
+  C.repetition_axes(((a1, "test accuracy (%)"), (a2, "SAM - AdamW (points)")), es, cfg["steps"])
   a1.set_title("teacher-student, 20% label noise")
   a2.set_title("SAM's gain over AdamW")
   return C.save(fig, out, NAME)
