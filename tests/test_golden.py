@@ -1,0 +1,238 @@
+"""Bit-for-bit golden test: every public transformation and Flax train step against commit e828a15.
+
+``golden/golden.npz`` holds what the code at e828a15 computed for each row of
+``golden/make_golden.py`` (every row of test_contract.py's table, extra paths, the linen
+and NNX train steps): per step the updates, the new params, every optimizer-state leaf
+(keyed by its ``jax.tree_util.keystr`` path) and ``sam_optax.metrics``. This test recomputes
+each row with the ``sam_optax`` that is importable and requires the same bits and dtypes.
+
+A deliberate change goes through the tables below, never through regenerating the golden:
+
+* ``STATE_PATH_CHANGES``: a state leaf renamed or moved (old keystr regex -> new keystr),
+  or removed on purpose (-> ``None``, with the reason in a comment on the entry);
+* ``NEW_STATE_LEAVES``: state leaves the new code adds (regexes of the new keystr);
+* ``NEW_METRICS``: names ``sam_optax.metrics`` / a train step newly reports;
+* ``INTENDED_CHANGES``: values a deliberate bug fix changes (or metrics it drops), with the
+  reason.
+
+Updates, params and metrics must be equal unless listed in ``INTENDED_CHANGES``.
+Regenerate (``python tests/golden/make_golden.py``) only from the old commit; see its docstring.
+
+Bitwise equality only holds with the XLA the golden was made with: when jax, jaxlib,
+optax (or flax, for the Flax rows) or the machine's architecture differ from those recorded
+in the golden, the rows are skipped with the reason (set ``SAM_OPTAX_GOLDEN_STRICT=1`` to
+compare anyway).
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import importlib.util
+import os
+import platform
+import re
+import sys
+
+import numpy as np
+import pytest
+
+_HERE = os.path.dirname(os.path.abspath(__file__))
+_spec = importlib.util.spec_from_file_location("sam_optax_make_golden",
+                                               os.path.join(_HERE, "golden", "make_golden.py"))
+mg = importlib.util.module_from_spec(_spec)
+sys.modules[_spec.name] = mg  # dataclasses look their module up there
+_spec.loader.exec_module(mg)
+
+# ----------------------------------------------------------------- the change tables
+#
+# Keys in the golden are f"{row}/{section}/{kind}{path}" with section "init" or "step{i}" and
+# kind "updates", "params", "batch_stats", "state" or "metrics/" (path: the metric's name).
+# For the MLP rows `path` is the keystr of the leaf in the optimizer state, e.g.
+# "[0].inner.telemetry.cosine"; for the linen rows it is the keystr in the TrainState without
+# params and batch_stats (".step", ".opt_state[0].count", ".saf.logits"); for the NNX row in
+# {"opt_state": ..., "rngs": ...} (pure dicts).
+
+# Old state keystr -> new state keystr, for every row. The key is a regex matched in full
+# against the old keystr (or a (row_regex, keystr_regex) pair to limit it to some rows);
+# the value is a `re` template for the new keystr (`\1` for groups), or None: the leaf was
+# removed on purpose -- put the reason in a comment on the entry. The first match applies.
+# Example entries:
+#   r"\[0\]\.inner\.(.*)": r"[0].\1",                 # GSAMState no longer wraps the core's
+#   (r"looksam.*", r"\[0\]\.g_v_norm"): None,         # recomputed from g_v: one leaf fewer
+_ENGINE_ROWS = r"(gsam|looksam|looksam_k3|looksam_grad_fn|gradient_norm_penalty|linen_gsam|linen_looksam)"
+STATE_PATH_CHANGES: dict[str | tuple[str, str], str | None] = {
+    # GSAM, PGN and LookSAM are declarations on the engine, no longer wrappers of the
+    # core: the core's fields (perturbation_state, telemetry) sit in their own state.
+    # LookSAM's inner count (the number of SAM steps, which its rho schedule read) is
+    # gone: a schedule is now read at the step count, as for every other method.
+    (r"(looksam|linen_looksam).*", r"(.*)\.inner\.count"): None,
+    (_ENGINE_ROWS, r"(.*)\.inner\.(perturbation_state|telemetry)(.*)"): r"\1.\2\3",
+    (_ENGINE_ROWS, r"(.*)\.inner\.count"): r"\1.count",
+}
+
+# Regexes (matched in full) of new state keystrs with no golden counterpart, e.g.
+#   r"\[0\]\.telemetry\.new_field",
+NEW_STATE_LEAVES: list[str] = [
+    # whether the cosine was recorded; the chain-order flag, read on the host by
+    # sam_optax.metrics (the check used to call back to the host from the step)
+    r".*telemetry\.(has_cosine|misordered)",
+    r".*\['telemetry'\]\['(has_cosine|misordered)'\]",  # the NNX row's dict keys
+]
+
+# Regexes (matched in full) of metric names reported now that the golden does not have.
+NEW_METRICS: list[str] = []
+
+# (row_regex, key_regex) -> reason. key is the golden key after "{row}/", e.g.
+# "step2/updates[0]['kernel']", "step1/state[0].count" or "step0/metrics/cosine"; both are
+# matched in full. A listed value may differ (value, shape and dtype); the key must still
+# exist, except a metric, which a listed change may drop.
+#   ("esam.*", r"step\d+/metrics/clean_loss"): "the clean loss is now the mean of ...",
+INTENDED_CHANGES: dict[tuple[str, str], str] = {
+    # Issue 19, memory: the cosine keeps g alive through the second pass (a params-sized
+    # buffer); it is recorded where the method keeps g anyway (GSAM, LookSAM, PGN, SAMPa,
+    # bSAM, Frob/Det-SAM) or with telemetry="full". Elsewhere it reads 0 and metrics()
+    # leaves it out.
+    (r"(?!gsam|looksam|gradient_norm_penalty|sampa|bsam|frob_sam|det_sam|linen_gsam|linen_looksam"
+     r"|linen_sampa).*", r"(init|step\d+)/(state.*telemetry(\.cosine|'\]\['cosine'\])|metrics/cosine)"):
+        "cosine recorded only where free (issue 19, telemetry memory)",
+}
+
+# --------------------------------------------------------------------------- loading
+
+_GOLDEN = np.load(mg.GOLDEN_PATH)
+_KEY = re.compile(r"(init|step\d+)/(updates|params|batch_stats|state|metrics/)(.*)", re.S)
+_FLAX_ROWS = set(mg.FLAX_ROWS)
+
+
+def _golden_row(row: str) -> dict[str, np.ndarray]:
+  prefix = row + "/"
+  return {k[len(prefix):]: _GOLDEN[k] for k in _GOLDEN.files if k.startswith(prefix)}
+
+
+def _version_mismatch(row: str) -> str | None:
+  if os.environ.get("SAM_OPTAX_GOLDEN_STRICT") == "1":
+    return None
+  packages = ["jax", "jaxlib", "optax"] + (["flax"] if row in _FLAX_ROWS else [])
+  diffs = []
+  for pkg in packages:
+    recorded = str(_GOLDEN[f"__meta__/{pkg}"])
+    try:
+      now = importlib.metadata.version(pkg)
+    except importlib.metadata.PackageNotFoundError:
+      now = "absent"
+    if now != recorded:
+      diffs.append(f"{pkg} {now} (golden: {recorded})")
+  if platform.machine() != str(_GOLDEN["__meta__/machine"]):
+    diffs.append(f"machine {platform.machine()} (golden: {_GOLDEN['__meta__/machine']})")
+  return "; ".join(diffs) or None
+
+
+# ------------------------------------------------------------------------ comparison
+
+
+def _rename_state(row: str, path: str) -> tuple[bool, str | None]:
+  """(matched, new path or None if removed) for an old state keystr."""
+  for pattern, target in STATE_PATH_CHANGES.items():
+    row_re, path_re = pattern if isinstance(pattern, tuple) else (".*", pattern)
+    if not re.fullmatch(row_re, row):
+      continue
+    m = re.fullmatch(path_re, path)
+    if m:
+      return True, (None if target is None else m.expand(target))
+  return False, path
+
+
+def _intended(row: str, key: str) -> str | None:
+  for (row_re, key_re), reason in INTENDED_CHANGES.items():
+    if re.fullmatch(row_re, row) and re.fullmatch(key_re, key):
+      return reason
+  return None
+
+
+def _differs(old: np.ndarray, new: np.ndarray) -> str | None:
+  if old.dtype != new.dtype:
+    return f"dtype {new.dtype} (golden {old.dtype})"
+  if old.shape != new.shape:
+    return f"shape {new.shape} (golden {old.shape})"
+  try:
+    np.testing.assert_array_equal(new, old)
+  except AssertionError as e:
+    return str(e).strip().replace("\n", "\n      ")
+  if old.tobytes() != new.tobytes():
+    return "equal as numbers but not bitwise (signed zero or NaN payload)"
+  return None
+
+
+def compare(row: str, golden: dict[str, np.ndarray], new: dict[str, np.ndarray]) -> list[str]:
+  """The failures of one row: missing, unexpected and differing keys."""
+  failures, expected_new = [], set()
+  for key, old in golden.items():
+    m = _KEY.fullmatch(key)
+    assert m, f"malformed golden key {row}/{key}"
+    section, kind, path = m.groups()
+    new_key = key
+    if kind == "state":
+      _, new_path = _rename_state(row, path)
+      if new_path is None:  # removed on purpose (STATE_PATH_CHANGES)
+        continue
+      new_key = f"{section}/state{new_path}"
+    expected_new.add(new_key)
+    if new_key not in new:
+      if kind == "metrics/" and _intended(row, key) is not None:
+        continue  # a metric no longer reported, on purpose
+      failures.append(f"missing: {key}" + (f" (renamed to {new_key})" if new_key != key else ""))
+      continue
+    if _intended(row, key) is not None:
+      continue
+    why = _differs(old, new[new_key])
+    if why is not None:
+      failures.append(f"differs: {key}" + (f" -> {new_key}" if new_key != key else "") +
+                      f": {why}")
+  for key in sorted(set(new) - expected_new):
+    m = _KEY.fullmatch(key)
+    section, kind, path = m.groups() if m else (None, None, key)
+    if kind == "state" and any(re.fullmatch(p, path) for p in NEW_STATE_LEAVES):
+      continue
+    if kind == "metrics/" and any(re.fullmatch(p, path) for p in NEW_METRICS):
+      continue
+    failures.append(f"unexpected (not in the golden): {key}")
+  return failures
+
+
+# ----------------------------------------------------------------------------- tests
+
+
+def test_golden_rows_match_the_table():
+  """The golden was made from this table: no row without a golden, no golden without a row."""
+  assert list(map(str, _GOLDEN["__meta__/rows"])) == list(mg.ALL_ROWS)
+  rows_in_keys = {k.split("/", 1)[0] for k in _GOLDEN.files if not k.startswith("__meta__/")}
+  assert rows_in_keys == set(mg.ALL_ROWS)
+
+
+def test_change_tables_are_well_formed():
+  for pattern, target in STATE_PATH_CHANGES.items():
+    for p in pattern if isinstance(pattern, tuple) else (pattern,):
+      re.compile(p)
+    assert target is None or isinstance(target, str)
+  for p in NEW_STATE_LEAVES + NEW_METRICS:
+    re.compile(p)
+  for (row_re, key_re), reason in INTENDED_CHANGES.items():
+    re.compile(row_re), re.compile(key_re)
+    assert isinstance(reason, str) and reason.strip(), "every intended change needs its reason"
+
+
+@pytest.mark.parametrize("row", mg.ALL_ROWS)
+def test_golden(row):
+  if row in _FLAX_ROWS:
+    pytest.importorskip("flax")
+  mismatch = _version_mismatch(row)
+  if mismatch:
+    pytest.skip(f"bitwise golden needs the versions it was made with: {mismatch}")
+  golden = _golden_row(row)
+  assert golden, f"no golden for row {row}"
+  computed = mg.compute_row(row)
+  new = {k[len(row) + 1:]: v for k, v in computed.items()}
+  failures = compare(row, golden, new)
+  shown = "\n  ".join(failures[:25])
+  more = f"\n  ... and {len(failures) - 25} more" if len(failures) > 25 else ""
+  assert not failures, f"{row}: {len(failures)} of {len(golden)} golden arrays\n  {shown}{more}"
