@@ -3,20 +3,32 @@
 The core is :func:`sharpness_aware`, a transformation that receives the clean
 gradient as ``updates`` and a loss-gradient closure ``grad_fn`` as a keyword
 argument of ``update``, and returns the gradient at the perturbed point.
-Perturbation geometries are small transformations (:func:`l2`,
-:func:`adaptive`, ...); descent rules and schedules wrap the core.
+Every method is one declaration on one engine (``sam_optax._src.engine``):
+perturbation geometries are small transformations (:func:`l2`,
+:func:`adaptive`, ...); descent rules and schedules are methods or wrappers on it.
+
+The names, grouped as the API reference groups them:
+
+* SAM and its descent rules: :func:`sharpness_aware`, :func:`sam`, :func:`asam`,
+  :func:`gsam`, :func:`gradient_norm_penalty`, :func:`esam`, :func:`sampa`,
+  :func:`msam`, :func:`bsam`, :func:`trace_sam`, :func:`det_sam`, :func:`frob_sam`.
+* Schedules that skip the second pass: :func:`looksam`, :func:`randomized`,
+  :func:`ae_sam` (also ``adaptive_policy``), :func:`gated_jit`.
+* Geometries: :func:`l2`, :func:`adaptive`, :func:`linf`, :func:`unnormalized`,
+  :func:`fisher`, :func:`friendly`, :func:`variance_suppressed`,
+  :func:`stochastic`, :func:`sparse`, :func:`random_weight`, :func:`masked`
+  (with :func:`kernel_mask`, :func:`normalization_mask`), :func:`make_perturbation`.
+* What a train step calls: :class:`Objective`, :func:`metrics`,
+  :func:`local_params`, :func:`skip_if_nonfinite` (also ``apply_if_finite``),
+  :func:`weight_ema`, :func:`msam_clean_params`, :func:`bsam_posterior`,
+  :func:`bsam_sample`, :func:`rho_schedule_from_lr`.
 """
 
-from sam_optax._src.aliases import asam, sam
-from sam_optax._src.bayes import BayesianSAMState, bsam, bsam_posterior, bsam_sample
-from sam_optax._src.core import SharpnessAwareState, Telemetry, sharpness_aware
 from sam_optax._src.distributed import local_params
-from sam_optax._src.esam import ESAMState, esam
-from sam_optax._src.finite import apply_if_finite
-from sam_optax._src.gating import gated_jit
-from sam_optax._src.parallel import SAMPaState, sampa
-from sam_optax._src.penalty import GradientNormPenaltyState, gradient_norm_penalty
-from sam_optax._src.perturbations import (
+from sam_optax._src.engine import Objective
+from sam_optax._src.finite import apply_if_finite, skip_if_nonfinite
+from sam_optax._src.gating import Gate, gated_jit
+from sam_optax._src.geometries import (
     AdaptiveState,
     FriendlyState,
     MaskedState,
@@ -40,22 +52,28 @@ from sam_optax._src.perturbations import (
     unnormalized,
     variance_suppressed,
 )
-from sam_optax._src.telemetry import metrics
-from sam_optax._src.universal import UniversalSAMState, det_sam, frob_sam, trace_sam
-from sam_optax._src.variants import (
-    AdaptivePolicyState,
+from sam_optax._src.methods.bayes import BayesianSAMState, bsam, bsam_posterior, bsam_sample
+from sam_optax._src.methods.descent import (
+    GradientNormPenaltyState,
     GSAMState,
-    LookSAMState,
-    MomentumSAMState,
-    RandomizedState,
-    adaptive_policy,
+    gradient_norm_penalty,
     gsam,
-    looksam,
-    msam,
-    msam_clean_params,
-    randomized,
     rho_schedule_from_lr,
 )
+from sam_optax._src.methods.esam import ESAMState, esam
+from sam_optax._src.methods.looksam import LookSAMState, looksam
+from sam_optax._src.methods.msam import MomentumSAMState, msam, msam_clean_params
+from sam_optax._src.methods.sam import SharpnessAwareState, asam, sam, sharpness_aware
+from sam_optax._src.methods.sampa import SAMPaState, sampa
+from sam_optax._src.methods.schedules import (
+    AdaptivePolicyState,
+    RandomizedState,
+    adaptive_policy,
+    ae_sam,
+    randomized,
+)
+from sam_optax._src.methods.universal import UniversalSAMState, det_sam, frob_sam, trace_sam
+from sam_optax._src.telemetry import Telemetry, metrics
 from sam_optax.trajectory import WeightEMAState, weight_ema
 
 __version__ = "0.1.0"
@@ -67,10 +85,12 @@ __all__ = (
     "ESAMState",
     "FriendlyState",
     "GSAMState",
+    "Gate",
     "GradientNormPenaltyState",
     "LookSAMState",
     "MaskedState",
     "MomentumSAMState",
+    "Objective",
     "Perturbation",
     "RandomWeightState",
     "RandomizedState",
@@ -84,6 +104,7 @@ __all__ = (
     "WeightEMAState",
     "adaptive",
     "adaptive_policy",
+    "ae_sam",
     "apply_if_finite",
     "asam",
     "bsam",
@@ -114,6 +135,7 @@ __all__ = (
     "sam",
     "sampa",
     "sharpness_aware",
+    "skip_if_nonfinite",
     "sparse",
     "stochastic",
     "trace_sam",

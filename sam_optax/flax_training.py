@@ -375,7 +375,7 @@ def make_linen_sampa_train_step(loss_fn: Callable[[jax.Array, jax.Array], jax.Ar
     >>> sorted(metrics)
     ['perturbed_loss', 'update_norm']
   """
-  from sam_optax._src.parallel import SAMPaState
+  from sam_optax._src.methods.sampa import SAMPaState
   from sam_optax._src.telemetry import metrics as read_metrics
 
   def step(state: TrainState, batch: tuple, dropout_key: jax.Array):

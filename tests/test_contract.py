@@ -80,8 +80,11 @@ def test_table_covers_every_exported_transformation():
   helpers = {"gated_jit", "kernel_mask", "normalization_mask", "make_perturbation", "local_params",
              "msam_clean_params", "rho_schedule_from_lr", "masked", "metrics", "bsam_posterior",
              "bsam_sample"}
+  aliases = {"ae_sam": "adaptive_policy", "skip_if_nonfinite": "apply_if_finite"}
+  for new, old in aliases.items():
+    assert getattr(so, new) is getattr(so, old)
   covered = set(TRANSFORMS) | set(OPTIMIZERS) | {"masked"}
-  assert exported - helpers - covered == set()
+  assert exported - helpers - covered - set(aliases) == set()
 
 
 def run_steps(opt, params, n=3, dtype=None, extra=None, zero=False, name=None):

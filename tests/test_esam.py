@@ -12,7 +12,7 @@ import pytest
 import sam_optax as so
 from helpers import flat, make_data, mlp_init, mlp_loss, unflat
 from helpers import mlp_example_losses as example_losses
-from sam_optax._src.esam import num_selected
+from sam_optax._src.methods.esam import num_selected
 
 RHO = 0.5
 

@@ -72,3 +72,8 @@ def apply_if_finite(inner: optax.GradientTransformation, max_consecutive_errors:
     return out, optax.ApplyIfFiniteState(notfinite_count, isfinite, total, inner_state)
 
   return optax.GradientTransformationExtraArgs(init, update)
+
+
+# The name that says what it does and does not shadow `optax.apply_if_finite`, whose
+# semantics differ (it checks the incoming gradient only); `apply_if_finite` stays.
+skip_if_nonfinite = apply_if_finite

@@ -1,33 +1,137 @@
-"""One accessor for what the sharpness-aware transformations recorded in the state."""
+"""What a sharpness-aware step saw: the :class:`Telemetry` record and :func:`metrics`."""
 
 from __future__ import annotations
 
-from typing import Any
+import warnings
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
-from sam_optax._src import core, variants
-
-_NORMS = ("clean_grad_norm", "perturbation_norm", "perturbed_grad_norm", "cosine")
-_SCHEDULE = (variants.LookSAMState, variants.RandomizedState, variants.AdaptivePolicyState)
-_KNOWN = (core.Telemetry, variants.MomentumSAMState, optax.ApplyIfFiniteState) + _SCHEDULE
+from sam_optax._src import tree as tu
 
 
-def _array(x: Any) -> jax.Array:
+class Telemetry(NamedTuple):
+  r"""What the last sharpness-aware step saw, as scalars (read them with
+  :func:`sam_optax.metrics`).
+
+  Attributes:
+    clean_grad_norm: :math:`\|g\|`, the norm of the incoming gradient.
+    perturbation_norm: :math:`\|\epsilon\|`, the length of the step to the
+      perturbed point (:math:`\rho` for SAM with a non-zero gradient).
+    perturbed_grad_norm: :math:`\|g_{adv}\|`, the norm of the gradient at the
+      perturbed point.
+    cosine: :math:`\cos(g, g_{adv})`; 0 when either is zero, or when it was not
+      recorded (see ``has_cosine``).
+    clean_loss: :math:`L(w)`, when the caller passed ``value=``.
+    perturbed_loss: :math:`L(w + \epsilon)`, when the caller passed
+      ``value_and_grad_fn=`` (or an ``objective=``).
+    has_clean_loss, has_perturbed_loss, has_cosine: int32 1/0, whether the entry
+      was recorded on the last step (:func:`sam_optax.metrics` omits absent
+      entries). The cosine needs g alive until the perturbed gradient is done, a
+      params-sized buffer; it is recorded where the method keeps g anyway (GSAM,
+      LookSAM, PGN, ...) or with ``telemetry="full"``.
+    misordered: int32 1 once a step in the first three saw ``updates`` pointing
+      away from the perturbed gradient, the sign of a chain in the wrong order
+      (the sharpness-aware transformation after the base optimizer);
+      :func:`sam_optax.metrics` then warns.
+
+  Example:
+    >>> import jax.numpy as jnp, sam_optax
+    >>> state = sam_optax.sharpness_aware(0.05).init(jnp.ones(3))
+    >>> isinstance(state.telemetry, sam_optax.Telemetry), float(state.telemetry.cosine)
+    (True, 0.0)
+  """
+  clean_grad_norm: jax.Array
+  perturbation_norm: jax.Array
+  perturbed_grad_norm: jax.Array
+  cosine: jax.Array
+  clean_loss: jax.Array
+  perturbed_loss: jax.Array
+  has_clean_loss: jax.Array
+  has_perturbed_loss: jax.Array
+  has_cosine: jax.Array
+  misordered: jax.Array
+
+
+FLOAT_FIELDS = ("clean_grad_norm", "perturbation_norm", "perturbed_grad_norm", "cosine",
+                "clean_loss", "perturbed_loss")
+
+
+def empty() -> Telemetry:
+  # one buffer per field: a state holding the same array twice cannot be donated
+  return Telemetry(*(jnp.zeros([], jnp.float32) for _ in FLOAT_FIELDS),
+                   *(jnp.zeros([], jnp.int32) for _ in range(4)))
+
+
+def _f32(x: Any) -> jax.Array:
+  return jnp.asarray(x).astype(jnp.float32)
+
+
+def _optional(x: Any) -> tuple[jax.Array, jax.Array]:
+  if x is None:
+    return jnp.zeros([], jnp.float32), jnp.zeros([], jnp.int32)
+  return _f32(jnp.real(x)), jnp.ones([], jnp.int32)
+
+
+def record(g: Any, g_adv: Any, *, perturbation_norm: Any, clean_loss: Any = None,
+           perturbed_loss: Any = None, cosine: bool = False, misordered: Any = None,
+           eps: float = 1e-12) -> Telemetry:
+  """The telemetry of one step; a loss given as None is recorded as absent (0, flag 0)."""
+  g_norm, adv_norm = tu.norm(g), tu.norm(g_adv)
+  if cosine:
+    cos = _f32(tu.vdot(g, g_adv) * tu.safe_inverse(g_norm * adv_norm, eps * eps))
+  else:
+    cos = jnp.zeros([], jnp.float32)
+  (cl, has_cl), (pl, has_pl) = _optional(clean_loss), _optional(perturbed_loss)
+  flag = jnp.zeros([], jnp.int32) if misordered is None else misordered.astype(jnp.int32)
+  return Telemetry(_f32(g_norm), _f32(perturbation_norm), _f32(adv_norm), cos, cl, pl,
+                   has_cl, has_pl, jnp.asarray(int(cosine), jnp.int32), flag)
+
+
+def mean_over(rec: Telemetry, axis_name: Any) -> Telemetry:
+  """One number for the whole axis, as the update is."""
+  if axis_name is None:
+    return rec
+  return rec._replace(**{f: jax.lax.pmean(getattr(rec, f), axis_name) for f in FLOAT_FIELDS},
+                      misordered=jax.lax.pmax(rec.misordered, axis_name))
+
+
+# ------------------------------------------------------------------- reading it
+
+_NORMS = ("clean_grad_norm", "perturbation_norm", "perturbed_grad_norm")
+MISORDER_MESSAGE = (
+    "`{fn}`: the incoming `updates` pointed away from the gradient at the perturbed point "
+    "in the first steps, which is what happens when the sharpness-aware transformation is "
+    "not first in the chain: it must come first, so that it receives the raw loss "
+    "gradient. Write `optax.chain(sam_optax.sharpness_aware(rho), <base optimizer>)` (or "
+    "`sam_optax.sam(base, rho)`), not `optax.chain(<base optimizer>, sharpness_aware(rho))`.")
+
+
+def _array(x: Any) -> Any:
   """The array in a state field (flax.nnx keeps optimizer state in Variables)."""
   leaves = jax.tree_util.tree_leaves(x)
   return leaves[0] if len(leaves) == 1 else x
 
 
 def _present(flag: Any) -> bool:
-  """Whether a loss slot was filled; inside ``jit`` (flag unknown) it counts as present."""
+  """Whether an entry was recorded; inside ``jit`` (flag unknown) it counts as present."""
   flag = _array(flag)
   if isinstance(flag, jax.core.Tracer):
     return True
   return bool(np.asarray(flag))
+
+
+def _concrete_flag(flag: Any) -> bool:
+  flag = _array(flag)
+  return not isinstance(flag, jax.core.Tracer) and bool(np.asarray(flag))
+
+
+def _is_schedule(x: Any) -> bool:
+  """A gated schedule's state: a NamedTuple that counts its second passes."""
+  return isinstance(x, tuple) and "sam_step_fraction" in getattr(x, "_fields", ())
 
 
 def metrics(opt_state: optax.OptState) -> dict[str, jax.Array]:
@@ -39,23 +143,25 @@ def metrics(opt_state: optax.OptState) -> dict[str, jax.Array]:
   scalars:
 
   * ``clean_grad_norm`` :math:`\|g\|`, ``perturbation_norm`` :math:`\|\epsilon\|`,
-    ``perturbed_grad_norm`` :math:`\|g_{adv}\|`, ``cosine`` :math:`\cos(g, g_{adv})`
-    (for :func:`msam` only the two that apply: its :math:`\|\epsilon\|` and the
-    norm of the gradient it was given, taken at the perturbed point);
+    ``perturbed_grad_norm`` :math:`\|g_{adv}\|`, and ``cosine``
+    :math:`\cos(g, g_{adv})` where it was recorded (see :class:`Telemetry`);
   * ``clean_loss`` :math:`L(w)`, ``perturbed_loss`` :math:`L(w+\epsilon)` and
     ``sharpness`` :math:`L(w+\epsilon) - L(w)` (SAM's one-step sharpness
     estimate), when the step received ``value=`` and ``value_and_grad_fn=``;
   * ``sam_step`` (1 if the last step ran the second pass) and
     ``sam_step_fraction`` (its running mean) for the gated schedules
-    (:func:`looksam`, :func:`randomized`, :func:`adaptive_policy`);
+    (:func:`looksam`, :func:`randomized`, :func:`adaptive_policy`,
+    :func:`late_phase`);
   * ``skipped_steps``, the number of non-finite steps an enclosing
-    ``optax.apply_if_finite`` skipped (int32).
+    ``apply_if_finite`` skipped (int32).
 
   Gated schedules report the norms and losses of the last step that ran the
   second pass. The first transformation found (outermost first) gives each
-  entry. Outside ``jit`` an entry that was not recorded is absent; inside
-  ``jit`` (where the flags are not known while tracing) the loss entries are
-  present and read 0 until a step records them.
+  entry. Outside ``jit`` an entry that was not recorded is absent, and a
+  recorded chain-order problem (:class:`Telemetry`'s ``misordered``) raises a
+  ``UserWarning`` that says how to fix the chain; inside ``jit`` (where the
+  flags are not known while tracing) the optional entries are present and read
+  0 until a step records them.
 
   Args:
     opt_state: any optimizer state.
@@ -76,15 +182,21 @@ def metrics(opt_state: optax.OptState) -> dict[str, jax.Array]:
     >>> round(float(m["perturbation_norm"]), 4), round(float(m["sharpness"]), 4)
     (0.1, 0.3564)
   """
+  from sam_optax._src.methods.msam import MomentumSAMState
+  known = (Telemetry, MomentumSAMState, optax.ApplyIfFiniteState)
+  is_known = lambda x: isinstance(x, known) or _is_schedule(x)
   out: dict[str, jax.Array] = {}
+  misordered = []
 
   def put(name, value):
     out.setdefault(name, _array(value))
 
   def handle(node):
-    if isinstance(node, core.Telemetry):
+    if isinstance(node, Telemetry):
       for name in _NORMS:
         put(name, getattr(node, name))
+      if _present(node.has_cosine):
+        put("cosine", node.cosine)
       clean, pert = _present(node.has_clean_loss), _present(node.has_perturbed_loss)
       if clean:
         put("clean_loss", node.clean_loss)
@@ -92,11 +204,13 @@ def metrics(opt_state: optax.OptState) -> dict[str, jax.Array]:
         put("perturbed_loss", node.perturbed_loss)
       if clean and pert:
         put("sharpness", _array(node.perturbed_loss) - _array(node.clean_loss))
+      if _concrete_flag(node.misordered):
+        misordered.append(True)
       return
-    if isinstance(node, _SCHEDULE):
+    if _is_schedule(node):
       put("sam_step", node.sam_step)
       put("sam_step_fraction", node.sam_step_fraction)
-    elif isinstance(node, variants.MomentumSAMState):
+    elif isinstance(node, MomentumSAMState):
       put("perturbation_norm", node.perturbation_norm)
       put("perturbed_grad_norm", node.perturbed_grad_norm)
     elif isinstance(node, optax.ApplyIfFiniteState):
@@ -106,9 +220,11 @@ def metrics(opt_state: optax.OptState) -> dict[str, jax.Array]:
   def visit(tree):
     # pytree flattening reaches inside optax's NamedTuples, dicts and flax.nnx
     # Variables alike; the recorded states stop it and are read in pre-order
-    for leaf in jax.tree_util.tree_leaves(tree, is_leaf=lambda x: isinstance(x, _KNOWN)):
-      if isinstance(leaf, _KNOWN):
+    for leaf in jax.tree_util.tree_leaves(tree, is_leaf=is_known):
+      if is_known(leaf):
         handle(leaf)
 
   visit(opt_state)
+  if misordered:
+    warnings.warn(MISORDER_MESSAGE.format(fn="sharpness_aware"), UserWarning, stacklevel=2)
   return out

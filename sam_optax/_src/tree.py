@@ -134,3 +134,18 @@ def cast_like(tree: PyTree, like: PyTree) -> PyTree:
 def select(pred: jax.Array, a: PyTree, b: PyTree) -> PyTree:
   """Leafwise jnp.where(pred, a, b) for a scalar predicate."""
   return jax.tree.map(lambda x, y: jnp.where(pred, x, y), a, b)
+
+
+def find_states(tree: PyTree, kind: type | tuple) -> list:
+  """Every node of type ``kind`` in ``tree`` (an optimizer state at any depth: inside
+  ``chain``, ``inject_hyperparams``, ``MultiSteps``, a Flax ``TrainState``), outermost first."""
+  return [x for x in jax.tree_util.tree_leaves(tree, is_leaf=lambda x: isinstance(x, kind))
+          if isinstance(x, kind)]
+
+
+def find_state(tree: PyTree, kind: type, fn: str, hint: str) -> Any:
+  """The first node of type ``kind`` in ``tree``; a ValueError naming ``fn`` and ``hint`` if none."""
+  found = find_states(tree, kind)
+  if not found:
+    raise ValueError(f"`{fn}`: no {kind.__name__} in the optimizer state; {hint}")
+  return found[0]
