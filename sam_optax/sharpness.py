@@ -20,11 +20,11 @@ from typing import Any
 import jax
 import jax.flatten_util
 import jax.numpy as jnp
-import numpy as np
 import optax
 
-from sam_optax._src import perturbations as pert
+from sam_optax._src import geometries as pert
 from sam_optax._src import tree as tu
+from sam_optax._src.plots import plot_landscape_1d, plot_landscape_2d, plot_spectrum
 
 PyTree = Any
 LossFn = Callable[[PyTree], jax.Array]
@@ -249,11 +249,11 @@ def max_sharpness(loss_fn: LossFn, params: PyTree, rho: float, *,
   """
   perturbation = pert.l2() if perturbation is None else perturbation
   update = optax.with_extra_args_support(perturbation).update
-  project = pert.projection_of(perturbation)
   radius = jnp.asarray(rho, jnp.float32)
   step = radius if step_size is None else jnp.asarray(step_size, jnp.float32)
   key = jax.random.key(1) if key is None else key
   p_state = perturbation.init(params)
+  project = lambda delta, r, p: pert.project(perturbation, p_state, delta, r, p)
   base = loss_fn(params)
   grad = jax.grad(loss_fn)
 
@@ -446,81 +446,3 @@ def loss_landscape_2d(loss_fn: LossFn, params: PyTree, *, directions: tuple[PyTr
       lambda ab: loss_fn(tu.add_scaled(tu.add_scaled(params, ab[0], d1), ab[1], d2)), pts,
       batch_size=batch_size)
   return alphas, betas, losses.reshape(aa.shape)
-
-
-# ------------------------------------------------------------------------ plots
-
-
-def _axes(ax):
-  if ax is not None:
-    return ax
-  import matplotlib.pyplot as plt
-  return plt.subplots(figsize=(5, 3.5))[1]
-
-
-def plot_landscape_1d(curves: dict[str, tuple[Any, Any]], ax=None, *, xlabel: str = r"$\alpha$"):
-  """One axis, one line per solution: ``curves = {name: (alphas, losses)}``. Returns the axes.
-
-  Example:
-    >>> import jax.numpy as jnp, matplotlib
-    >>> matplotlib.use("Agg")
-    >>> from sam_optax import sharpness
-    >>> curve = sharpness.loss_landscape_1d(lambda w: jnp.sum(w ** 2), jnp.ones(3))
-    >>> ax = sharpness.plot_landscape_1d({"w = 1": curve})
-    >>> ax.get_ylabel(), len(ax.get_lines())
-    ('loss', 1)
-  """
-  ax = _axes(ax)
-  for name, (a, loss) in curves.items():
-    ax.plot(np.asarray(a), np.asarray(loss), label=name)
-  ax.set_xlabel(xlabel)
-  ax.set_ylabel("loss")
-  ax.legend()
-  ax.grid(alpha=0.3)
-  return ax
-
-
-def plot_landscape_2d(alphas, betas, losses, ax=None, *, levels: int = 30, log: bool = True):
-  """Contour plot of :func:`loss_landscape_2d`'s output. Returns the axes.
-
-  Example:
-    >>> import jax.numpy as jnp, matplotlib
-    >>> matplotlib.use("Agg")
-    >>> from sam_optax import sharpness
-    >>> params = jnp.ones((2, 2))
-    >>> ax = sharpness.plot_landscape_2d(*sharpness.loss_landscape_2d(
-    ...     lambda w: jnp.sum(w ** 2), params, alphas=jnp.linspace(-1, 1, 9)))
-    >>> ax.get_title()
-    'log loss'
-  """
-  ax = _axes(ax)
-  z = np.asarray(losses)
-  z = np.log(np.maximum(z, 1e-12)) if log else z
-  cs = ax.contour(np.asarray(alphas), np.asarray(betas), z.T, levels=levels)
-  ax.clabel(cs, inline=True, fontsize=6)
-  ax.set_xlabel(r"$\alpha$")
-  ax.set_ylabel(r"$\beta$")
-  ax.set_title("log loss" if log else "loss")
-  return ax
-
-
-def plot_spectrum(spectrum: dict[str, Any], ax=None, *, label: str | None = None):
-  """Eigenvalue density from :func:`hessian_spectrum` (log scale). Returns the axes.
-
-  Example:
-    >>> import jax.numpy as jnp, matplotlib
-    >>> matplotlib.use("Agg")
-    >>> from sam_optax import sharpness
-    >>> spec = sharpness.hessian_spectrum(lambda w: jnp.sum(jnp.arange(1.0, 5.0) * w ** 2), jnp.ones(4))
-    >>> ax = sharpness.plot_spectrum(spec, label="quadratic")
-    >>> ax.get_xlabel(), ax.get_yscale()
-    ('eigenvalue', 'log')
-  """
-  ax = _axes(ax)
-  ax.semilogy(np.asarray(spectrum["grid"]), np.asarray(spectrum["density"]) + 1e-12, label=label)
-  ax.set_xlabel("eigenvalue")
-  ax.set_ylabel("density")
-  if label:
-    ax.legend()
-  ax.grid(alpha=0.3)
-  return ax

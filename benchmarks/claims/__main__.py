@@ -4,7 +4,9 @@ Runs the claims (all, or those named) and writes ``DIR/results.json``: the
 environment and, for each claim, its record (name, verdict, the tests with their
 per-seed values and 95% intervals, the measured figures, the published figures it
 echoes, the plots, the run time). With ``--only``, the other claims' records
-already in ``DIR/results.json`` are kept.
+already in ``DIR/results.json`` are kept. ``DIR`` defaults to ``benchmarks/claims``
+(the committed full run) and, with ``--quick``, to ``benchmarks/claims/quick`` (ignored by
+git), so a smoke test never overwrites the full run's records and plots.
 """
 
 from __future__ import annotations
@@ -25,8 +27,11 @@ def main(argv: list[str] | None = None) -> int:
                                formatter_class=argparse.RawDescriptionHelpFormatter)
   ap.add_argument("--quick", action="store_true", help="tiny settings: a smoke test of every script")
   ap.add_argument("--only", default="", help=f"comma-separated subset of: {', '.join(CLAIMS)}")
-  ap.add_argument("--out", default=C.HERE, help="output folder (default: benchmarks/claims)")
+  ap.add_argument("--out", default=None,
+                  help="output folder (default: benchmarks/claims, where the committed full run lives; "
+                       "benchmarks/claims/quick with --quick, so a smoke test never overwrites it)")
   args = ap.parse_args(argv)
+  args.out = C.out_dir(args.out, args.quick)
   names = [n.strip() for n in args.only.split(",") if n.strip()] or list(CLAIMS)
   unknown = [n for n in names if n not in CLAIMS]
   if unknown:

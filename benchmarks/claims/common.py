@@ -34,6 +34,13 @@ import sam_optax as so
 from sam_optax import datasets
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+# where a --quick run writes when no --out is given: never over the committed full run in HERE
+QUICK_DIR = os.path.join(HERE, "quick")
+
+
+def out_dir(out: str | None, quick: bool) -> str:
+  """``--out`` when given; else HERE for a full run and QUICK_DIR for a quick one."""
+  return out if out is not None else (QUICK_DIR if quick else HERE)
 PyTree = Any
 
 # ------------------------------------------------------------------ verdict rule
@@ -580,12 +587,14 @@ def print_record(rec: dict) -> None:
 
 def script_main(name: str, run: Callable[[bool, str], dict], argv=None) -> dict:
   """``python -m benchmarks.claims.<name> [--quick] [--out DIR]``: runs one claim and
-  writes ``DIR/runs/<name>.json`` and its plots under ``DIR/plots``."""
+  writes ``DIR/runs/<name>.json`` and its plots under ``DIR/plots`` (``DIR`` defaults to
+  ``benchmarks/claims``, or ``benchmarks/claims/quick`` for a quick run)."""
   ap = argparse.ArgumentParser(prog=f"python -m benchmarks.claims.{name}")
   ap.add_argument("--quick", action="store_true", help="tiny settings (a smoke test, seconds)")
-  ap.add_argument("--out", default=HERE, help="output folder (default: benchmarks/claims)")
+  ap.add_argument("--out", default=None,
+                  help="output folder (default: benchmarks/claims, or benchmarks/claims/quick with --quick)")
   args = ap.parse_args(argv)
-  rec = run_claim(name, run, args.quick, args.out)
+  rec = run_claim(name, run, args.quick, out_dir(args.out, args.quick))
   return rec
 
 
