@@ -397,7 +397,7 @@ def build(method: Method, *, rho: ScalarOrSchedule = 0.0, eps: float = 1e-12, ax
     fields = dict(method.init(params))
     fields["count"] = jnp.zeros([], jnp.int32)
     if "telemetry" in method.state._fields:
-      fields["telemetry"] = tm.empty() if telemetry else None
+      fields["telemetry"] = tm.empty(record_cosine) if telemetry else None
     if "gate" in method.state._fields:
       fields["gate"] = gating.Gate()
     return method.state(**fields)

@@ -23,16 +23,16 @@ class Telemetry(NamedTuple):
       perturbed point (:math:`\rho` for SAM with a non-zero gradient).
     perturbed_grad_norm: :math:`\|g_{adv}\|`, the norm of the gradient at the
       perturbed point.
-    cosine: :math:`\cos(g, g_{adv})`; 0 when either is zero, or when it was not
-      recorded (see ``has_cosine``).
+    cosine: :math:`\cos(g, g_{adv})` (0 when either is zero), or None where the
+      method does not record it: it needs g alive until the perturbed gradient
+      is done, a params-sized buffer, so it is recorded where the method keeps g
+      anyway (GSAM, LookSAM, PGN, SAMPa, bSAM, Frob/Det-SAM) or with
+      ``telemetry="full"``.
     clean_loss: :math:`L(w)`, when the caller passed ``value=``.
     perturbed_loss: :math:`L(w + \epsilon)`, when the caller passed
       ``value_and_grad_fn=`` (or an ``objective=``).
-    has_clean_loss, has_perturbed_loss, has_cosine: int32 1/0, whether the entry
-      was recorded on the last step (:func:`sam_optax.metrics` omits absent
-      entries). The cosine needs g alive until the perturbed gradient is done, a
-      params-sized buffer; it is recorded where the method keeps g anyway (GSAM,
-      LookSAM, PGN, ...) or with ``telemetry="full"``.
+    has_clean_loss, has_perturbed_loss: int32 1/0, whether the loss was given
+      on the last step (:func:`sam_optax.metrics` omits absent entries).
     misordered: int32 1 once a step in the first three saw ``updates`` pointing
       away from the perturbed gradient, the sign of a chain in the wrong order
       (the sharpness-aware transformation after the base optimizer);
@@ -41,8 +41,10 @@ class Telemetry(NamedTuple):
   Example:
     >>> import jax.numpy as jnp, sam_optax
     >>> state = sam_optax.sharpness_aware(0.05).init(jnp.ones(3))
-    >>> isinstance(state.telemetry, sam_optax.Telemetry), float(state.telemetry.cosine)
+    >>> isinstance(state.telemetry, sam_optax.Telemetry), float(state.telemetry.clean_grad_norm)
     (True, 0.0)
+    >>> state.telemetry.cosine is None   # SAM keeps no copy of g for it
+    True
   """
   clean_grad_norm: jax.Array
   perturbation_norm: jax.Array
@@ -52,7 +54,6 @@ class Telemetry(NamedTuple):
   perturbed_loss: jax.Array
   has_clean_loss: jax.Array
   has_perturbed_loss: jax.Array
-  has_cosine: jax.Array
   misordered: jax.Array
 
 
@@ -60,10 +61,11 @@ FLOAT_FIELDS = ("clean_grad_norm", "perturbation_norm", "perturbed_grad_norm", "
                 "clean_loss", "perturbed_loss")
 
 
-def empty() -> Telemetry:
+def empty(cosine: bool = True) -> Telemetry:
   # one buffer per field: a state holding the same array twice cannot be donated
-  return Telemetry(*(jnp.zeros([], jnp.float32) for _ in FLOAT_FIELDS),
-                   *(jnp.zeros([], jnp.int32) for _ in range(4)))
+  rec = Telemetry(*(jnp.zeros([], jnp.float32) for _ in FLOAT_FIELDS),
+                  *(jnp.zeros([], jnp.int32) for _ in range(3)))
+  return rec if cosine else rec._replace(cosine=None)
 
 
 def _f32(x: Any) -> jax.Array:
@@ -81,21 +83,19 @@ def record(g: Any, g_adv: Any, *, perturbation_norm: Any, clean_loss: Any = None
            eps: float = 1e-12) -> Telemetry:
   """The telemetry of one step; a loss given as None is recorded as absent (0, flag 0)."""
   g_norm, adv_norm = tu.norm(g), tu.norm(g_adv)
-  if cosine:
-    cos = _f32(tu.vdot(g, g_adv) * tu.safe_inverse(g_norm * adv_norm, eps * eps))
-  else:
-    cos = jnp.zeros([], jnp.float32)
+  cos = _f32(tu.vdot(g, g_adv) * tu.safe_inverse(g_norm * adv_norm, eps * eps)) if cosine else None
   (cl, has_cl), (pl, has_pl) = _optional(clean_loss), _optional(perturbed_loss)
   flag = jnp.zeros([], jnp.int32) if misordered is None else misordered.astype(jnp.int32)
   return Telemetry(_f32(g_norm), _f32(perturbation_norm), _f32(adv_norm), cos, cl, pl,
-                   has_cl, has_pl, jnp.asarray(int(cosine), jnp.int32), flag)
+                   has_cl, has_pl, flag)
 
 
 def mean_over(rec: Telemetry, axis_name: Any) -> Telemetry:
   """One number for the whole axis, as the update is."""
   if axis_name is None:
     return rec
-  return rec._replace(**{f: jax.lax.pmean(getattr(rec, f), axis_name) for f in FLOAT_FIELDS},
+  return rec._replace(**{f: jax.lax.pmean(getattr(rec, f), axis_name) for f in FLOAT_FIELDS
+                         if getattr(rec, f) is not None},
                       misordered=jax.lax.pmax(rec.misordered, axis_name))
 
 
@@ -195,7 +195,7 @@ def metrics(opt_state: optax.OptState) -> dict[str, jax.Array]:
     if isinstance(node, Telemetry):
       for name in _NORMS:
         put(name, getattr(node, name))
-      if _present(node.has_cosine):
+      if node.cosine is not None:
         put("cosine", node.cosine)
       clean, pert = _present(node.has_clean_loss), _present(node.has_perturbed_loss)
       if clean:
