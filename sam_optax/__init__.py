@@ -10,12 +10,13 @@ perturbation geometries are small transformations (:func:`l2`,
 The names, grouped as the API reference groups them:
 
 * SAM and its descent rules: :func:`sharpness_aware`, :func:`sam`, :func:`asam`,
-  :func:`gsam`, :func:`gradient_norm_penalty`, :func:`esam`, :func:`sampa`,
+  :func:`gsam`, :func:`gradient_norm_penalty`, :func:`wsam`, :func:`wsam_optimizer`,
+  :func:`stable_sam`, :func:`functional_sam`, :func:`esam`, :func:`sampa`,
   :func:`msam`, :func:`bsam`, :func:`trace_sam`, :func:`det_sam`, :func:`frob_sam`.
 * Schedules that skip the second pass: :func:`looksam`, :func:`randomized`,
-  :func:`ae_sam` (also ``adaptive_policy``), :func:`gated_jit`.
+  :func:`ae_sam` (also ``adaptive_policy``), :func:`late_phase`, :func:`gated_jit`.
 * Geometries: :func:`l2`, :func:`adaptive`, :func:`linf`, :func:`unnormalized`,
-  :func:`fisher`, :func:`friendly`, :func:`variance_suppressed`,
+  :func:`fisher`, :func:`monge`, :func:`preconditioned`, :func:`friendly`, :func:`variance_suppressed`,
   :func:`stochastic`, :func:`sparse`, :func:`random_weight`, :func:`masked`
   (with :func:`kernel_mask`, :func:`normalization_mask`), :func:`make_perturbation`.
 * What a train step calls: :class:`Objective`, :func:`metrics`,
@@ -36,6 +37,7 @@ from sam_optax._src.geometries import (
     RandomWeightState,
     SparseState,
     StochasticState,
+    PreconditionedState,
     VarianceSuppressedState,
     adaptive,
     fisher,
@@ -45,7 +47,9 @@ from sam_optax._src.geometries import (
     linf,
     make_perturbation,
     masked,
+    monge,
     normalization_mask,
+    preconditioned,
     random_weight,
     sparse,
     stochastic,
@@ -61,6 +65,8 @@ from sam_optax._src.methods.descent import (
     rho_schedule_from_lr,
 )
 from sam_optax._src.methods.esam import ESAMState, esam
+from sam_optax._src.methods.functional import FunctionalSAMState, functional_sam
+from sam_optax._src.methods.late_phase import LatePhaseState, late_phase
 from sam_optax._src.methods.looksam import LookSAMState, looksam
 from sam_optax._src.methods.msam import MomentumSAMState, msam, msam_clean_params
 from sam_optax._src.methods.sam import SharpnessAwareState, asam, sam, sharpness_aware
@@ -73,6 +79,7 @@ from sam_optax._src.methods.schedules import (
     randomized,
 )
 from sam_optax._src.methods.universal import UniversalSAMState, det_sam, frob_sam, trace_sam
+from sam_optax._src.methods.weighted import StableSAMState, WSAMState, stable_sam, wsam, wsam_optimizer
 from sam_optax._src.telemetry import Telemetry, metrics
 from sam_optax.trajectory import WeightEMAState, weight_ema
 
@@ -84,23 +91,28 @@ __all__ = (
     "BayesianSAMState",
     "ESAMState",
     "FriendlyState",
+    "FunctionalSAMState",
     "GSAMState",
     "Gate",
     "GradientNormPenaltyState",
+    "LatePhaseState",
     "LookSAMState",
     "MaskedState",
     "MomentumSAMState",
     "Objective",
     "Perturbation",
+    "PreconditionedState",
     "RandomWeightState",
     "RandomizedState",
     "SAMPaState",
     "SharpnessAwareState",
     "SparseState",
+    "StableSAMState",
     "StochasticState",
     "Telemetry",
     "UniversalSAMState",
     "VarianceSuppressedState",
+    "WSAMState",
     "WeightEMAState",
     "adaptive",
     "adaptive_policy",
@@ -115,20 +127,24 @@ __all__ = (
     "fisher",
     "friendly",
     "frob_sam",
+    "functional_sam",
     "gated_jit",
     "gradient_norm_penalty",
     "gsam",
     "kernel_mask",
     "l2",
+    "late_phase",
     "linf",
     "local_params",
     "looksam",
     "make_perturbation",
     "masked",
     "metrics",
+    "monge",
     "msam",
     "msam_clean_params",
     "normalization_mask",
+    "preconditioned",
     "random_weight",
     "randomized",
     "rho_schedule_from_lr",
@@ -137,9 +153,12 @@ __all__ = (
     "sharpness_aware",
     "skip_if_nonfinite",
     "sparse",
+    "stable_sam",
     "stochastic",
     "trace_sam",
     "unnormalized",
     "variance_suppressed",
     "weight_ema",
+    "wsam",
+    "wsam_optimizer",
 )

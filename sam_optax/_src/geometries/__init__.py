@@ -8,6 +8,7 @@ from sam_optax._src.geometries.history import (
     friendly,
     variance_suppressed,
 )
+from sam_optax._src.geometries.metric import PreconditionedState, monge, preconditioned
 from sam_optax._src.geometries.random import (
     RandomWeightState,
     SparseState,
@@ -28,6 +29,6 @@ from sam_optax._src.geometries.scaled import (
 __all__ = (
     "AdaptiveState", "FriendlyState", "MaskedState", "Perturbation", "RandomWeightState",
     "SparseState", "StochasticState", "VarianceSuppressedState", "adaptive", "fisher", "friendly",
-    "kernel_mask", "l2", "linf", "make_perturbation", "masked", "normalization_mask", "project",
-    "project_l2", "random_weight", "sparse", "stochastic", "unnormalized", "variance_suppressed",
+    "PreconditionedState", "kernel_mask", "l2", "linf", "make_perturbation", "masked", "monge",
+    "normalization_mask", "preconditioned", "project", "project_l2", "random_weight", "sparse", "stochastic", "unnormalized", "variance_suppressed",
 )
