@@ -28,6 +28,17 @@ import optax
 import sam_optax as so
 from sam_optax import flax_training as ft
 from sam_optax import trajectory
+from sam_optax._demo_report import (  # noqa: F401  (re-exported: demo.stall_report etc.)
+    CHANCE_FACTOR,
+    DEAD_CAUSE,
+    DEAD_UNIT_NOTE,
+    LOSS_NEAR_UNIFORM,
+    PROBE,
+    _worst,
+    dead_unit_cell,
+    dead_units,
+    stall_report,
+)
 from sam_optax.datasets import (
     FASHION_MNIST_APT,
     fashion_mnist_available,
@@ -164,35 +175,6 @@ class Run(NamedTuple):
 # per-step metrics averaged per epoch (those the optimizer reports)
 EPOCH_METRICS = ("loss", "accuracy", "perturbed_loss", "sharpness", "cosine", "perturbation_norm",
                  "clean_grad_norm", "perturbed_grad_norm", "sam_step")
-
-
-PROBE = 512  # training images on which dead units are counted
-
-
-def dead_units(state, x) -> Callable:
-  """``measure(params, batch_stats) -> {layer: dead fraction}``: the share of each sown
-  activation's units that are inactive on all of ``x[:PROBE]`` (BatchNorm with the probe's
-  batch statistics, as a training step sees it; dropout comes after the sown values)."""
-  from sam_optax.diagnostics import linen_dead_unit_fractions
-  probe = jnp.asarray(x[:PROBE])
-  has_stats = state.batch_stats is not None
-
-  @jax.jit
-  def measure(params, batch_stats):
-    variables = {"params": params, **({"batch_stats": batch_stats} if has_stats else {})}
-    return linen_dead_unit_fractions(state.apply_fn, variables, probe, capture=False, train=True,
-                                     mutable=("batch_stats",) if has_stats else (),
-                                     rngs={"dropout": jax.random.key(0)})
-
-  return measure
-
-
-def _worst(fractions: dict) -> tuple[str, float]:
-  """The layer with the largest dead fraction, or ("", 0) for a model that sows nothing."""
-  if not fractions:
-    return "", 0.0
-  name = max(fractions, key=lambda k: float(fractions[k]))
-  return name, float(fractions[name])
 
 
 def _clean_params(state):
@@ -374,51 +356,6 @@ def plot(args, results, plt) -> str:
   return path
 
 
-CHANCE_FACTOR = 2.0  # a run whose test accuracy stays below twice chance (20% of 10 classes) is stalled
-LOSS_NEAR_UNIFORM = 0.97  # ... or whose epoch's training loss is above 0.97 ln(classes)
-DEAD_CAUSE = 0.5  # the cause is named "dead units" when at least half a layer's units are inactive
-
-
-def stall_report(name: str, seed: int, run: Run, rho: float, num_classes: int = 10) -> str | None:
-  """A note when a run stalled (test accuracy near chance or the training loss near
-  ln(classes) in its last epoch) or started at chance and recovered late; it names the
-  measured cause (dead units: the share of the worst layer's units inactive on the whole
-  probe, see :mod:`sam_optax.diagnostics`) and the fixes. None for a run that trained."""
-  chance = 1.0 / num_classes
-  uniform = float(np.log(num_classes))
-  accs = np.asarray(run.accs)
-  loss = run.history.get("loss")
-  trained = accs >= CHANCE_FACTOR * chance
-  last_loss_flat = loss is not None and loss[-1] >= LOSS_NEAR_UNIFORM * uniform
-  if trained[-1] and not last_loss_flat:
-    if trained[0]:
-      return None
-    late = int(np.argmax(trained))  # epochs at chance before it left
-    what = (f"started at chance: test accuracy {100 * accs[0]:.1f}% after epoch 1, above "
-            f"{100 * CHANCE_FACTOR * chance:.0f}% only from epoch {late + 1}")
-    dead, layer = run.history["dead_units"][0], "a"  # per-layer figures are kept for the final state only
-  else:
-    what = (f"stalled: test accuracy {100 * accs[-1]:.1f}% after {len(accs)} epochs (chance: "
-            f"{100 * chance:.0f}%)")
-    if loss is not None:
-      what += f", training loss {loss[-1]:.3f} in the last epoch (ln {num_classes} = {uniform:.3f})"
-    dead, layer = run.history["dead_units"][-1], _worst(run.dead_layers or {})[0]
-    layer = f"the `{layer}`" if layer else "a"
-  fixes = (f"Fixes: a smaller --rho (this run: {rho:g}); a short plain-SGD start, e.g. a rho warm-up "
-           "`sharpness_aware(rho=optax.linear_schedule(0.0, rho, steps))`")
-  if dead >= DEAD_CAUSE:
-    cause = (f"Cause: dead units, {100 * dead:.0f}% of {layer} layer's units inactive on all "
-             f"{PROBE} probe images (a ReLU that never fires passes no gradient, and the output "
-             "stops depending on the input).")
-    fixes += "; a normalized layer before the activation (the CNN's default head, --head bn)."
-  else:
-    cause = (f"Cause: not dead units (at most {100 * dead:.0f}% of a layer's units inactive); the "
-             "perturbation may dominate the small early gradients.")
-    fixes += "."
-  import textwrap
-  wrap = lambda text, first: textwrap.fill(text, 100, initial_indent=first, subsequent_indent="    ")
-  return "\n".join([wrap(f"{name}, seed {seed + 1}: {what}.", "! "), wrap(cause, "  "), wrap(fixes, "  ")])
-
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
   """--help keeps the description's line breaks and shows every option's default."""
@@ -524,8 +461,7 @@ def main(argv: list[str] | None = None) -> int:
     notes.append("² of the training loss on 512 (noisy) training examples, BatchNorm in inference\n"
                  "  mode: top Hessian eigenvalue (20 power iterations) and the largest L(w+e) - L(w)\n"
                  "  over |e| <= 0.05 (5 projected ascent steps).")
-  notes.append(f"³ the largest share of a layer's units inactive on all of {PROBE} training images\n"
-               "  (sam_optax.diagnostics), after epoch 1 -> after the last epoch, mean over seeds.")
+  notes.append(DEAD_UNIT_NOTE)
   stalls = []
   for name, runs in results.items():
     final = np.array([r.accs[-1] for r in runs]) * 100
@@ -538,12 +474,9 @@ def main(argv: list[str] | None = None) -> int:
       lam = np.array([r.sharpness[0] for r in runs])
       ms = np.array([r.sharpness[1] for r in runs])
       line += f"{lam.mean():>11.2f} ± {lam.std():<4.2f}{ms.mean():>14.4f} ± {ms.std():<6.4f}"
-    first = np.mean([r.history["dead_units"][0] for r in runs]) * 100
-    last = np.mean([r.history["dead_units"][-1] for r in runs]) * 100
-    reports = [stall_report(name, seed, r, args.rho) for seed, r in enumerate(runs)]
-    stalls += [m for m in reports if m]
-    flag = " !" if any(reports) else ""
-    line += f"{f'{first:.0f}% -> {last:.0f}%':>15}{flag:<2}"
+    cell, reports = dead_unit_cell(name, runs, args.rho)
+    stalls += reports
+    line += cell
     print(line)
   print("\n".join(notes))
   if stalls:

@@ -334,8 +334,13 @@ def saf_regularizer(*, steps_per_epoch: int, weight: float = 0.3, temperature: f
   epoch is ``state.step // steps_per_epoch``.
 
   Example:
+    >>> import jax.numpy as jnp
     >>> from sam_optax import flax_training as ft
-    >>> step = ft.make_linen_train_step(regularizer=ft.saf_regularizer(steps_per_epoch=10))
+    >>> reg = ft.saf_regularizer(steps_per_epoch=10)
+    >>> step = ft.make_linen_train_step(regularizer=reg)
+    >>> z = jnp.array([[2.0, 0.0, -1.0]])   # logits that match the stored ones cost nothing
+    >>> float(reg.penalty(z, (z, jnp.array([True]), 5)))
+    0.0
 
   References:
     Du et al., `Sharpness-Aware Training for Free <https://arxiv.org/abs/2205.14083>`_,
@@ -375,12 +380,17 @@ def mesa_regularizer(*, steps_per_epoch: int, weight: float = 0.8, temperature: 
   (:func:`sam_optax.trajectory.mesa_loss`). The epoch is ``state.step // steps_per_epoch``.
 
   Example:
+    >>> import jax.numpy as jnp, optax, sam_optax
     >>> from sam_optax import flax_training as ft
-    >>> step = ft.make_linen_train_step(regularizer=ft.mesa_regularizer(steps_per_epoch=10))
+    >>> tx = optax.chain(optax.sgd(0.1), sam_optax.weight_ema(0.999))   # the teacher's weights, last
+    >>> reg = ft.mesa_regularizer(steps_per_epoch=10, start_epoch=5)
+    >>> student, teacher = jnp.array([[2.0, 0.0]]), jnp.array([[0.0, 2.0]])
+    >>> float(reg.penalty(student, (teacher, 4)))   # before start_epoch the term is off
+    0.0
 
   References:
-    Du et al., `Sharpness-Aware Training for Free <https://arxiv.org/abs/2205.14083>`_,
-    NeurIPS 2022.
+    Du et al., NeurIPS 2022 (as :func:`saf_regularizer`): MESA is the paper's
+    memory-efficient variant, an EMA teacher in place of SAF's stored logits.
   """
   _window("mesa_regularizer", steps_per_epoch, start_epoch, end_epoch)
 
@@ -407,12 +417,12 @@ def make_linen_sampa_train_step(loss_fn: Callable = softmax_cross_entropy, *, tr
   Example:
     >>> import flax.linen as nn, jax, jax.numpy as jnp, optax, sam_optax
     >>> from sam_optax import flax_training as ft
-    >>> model = nn.Dense(3)
-    >>> x, y = jnp.ones((8, 4)), jnp.arange(8) % 3
+    >>> model, batch = nn.Dense(2), (jnp.ones((4, 3)), jnp.array([0, 1, 1, 0]))
+    >>> params = model.init(jax.random.key(0), batch[0])["params"]
     >>> apply = lambda v, x, train=False, **kw: (model.apply(v, x), {}) if train else model.apply(v, x)
-    >>> state = ft.TrainState.create(apply_fn=apply, params=model.init(jax.random.key(0), x)["params"],
-    ...                              tx=sam_optax.sampa(optax.sgd(0.1)))
-    >>> state, metrics = ft.make_linen_sampa_train_step()(state, (x, y), jax.random.key(1))
+    >>> step = ft.make_linen_sampa_train_step()
+    >>> state = ft.TrainState.create(apply_fn=apply, params=params, tx=sam_optax.sampa(optax.sgd(0.1)))
+    >>> state, metrics = step(state, batch, jax.random.key(1))
     >>> "perturbed_loss" in metrics
     True
   """

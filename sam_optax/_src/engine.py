@@ -289,7 +289,6 @@ class Result(NamedTuple):
 
 def perturbed_gradient(s: Step, pts: Points, loss: Any, grad: PyTree) -> Result:
   """The combine rule of SAM and every geometry: the gradient at the perturbed point."""
-  del s, pts, loss
   return Result(grad)
 
 
@@ -421,6 +420,8 @@ def build(method: Method, *, rho: ScalarOrSchedule = 0.0, eps: float = 1e-12, ax
 
     def full(s):
       pts = method.points(s)
+      # ||g|| before the second pass: reduced after it, g would stay alive through it
+      g_norm = tu.norm(s.updates) if telemetry else None
       loss, grad = None, None
       if pts.point is not None:
         if pts.how is None:
@@ -430,7 +431,7 @@ def build(method: Method, *, rho: ScalarOrSchedule = 0.0, eps: float = 1e-12, ax
       res = method.combine(s, pts, loss, grad)
       fields = {**pts.fields, **res.fields}
       if "telemetry" in state._fields and state.telemetry is not None:
-        fields["telemetry"] = _telemetry(s, pts, res, loss, grad)
+        fields["telemetry"] = _telemetry(s, pts, res, loss, grad, g_norm)
       return tu.cast_like(res.output, updates), fields
 
     if method.gate is None:
@@ -448,12 +449,12 @@ def build(method: Method, *, rho: ScalarOrSchedule = 0.0, eps: float = 1e-12, ax
     fields["count"] = optax.safe_increment(state.count)
     return out, state._replace(**fields)
 
-  def _telemetry(s, pts, res, loss, grad):
+  def _telemetry(s, pts, res, loss, grad, g_norm):
     g = s.updates if res.clean_grad is None else res.clean_grad
+    g_norm = g_norm if res.clean_grad is None else None
     g_adv = res.grad if res.grad is not None else (grad if grad is not None else res.output)
-    if pts.perturbation_norm is not None:
-      pert_norm = pts.perturbation_norm
-    else:
+    pert_norm = pts.perturbation_norm
+    if pert_norm is None:
       pert_norm = tu.norm(pts.delta) if pts.delta is not None else jnp.zeros([], jnp.float32)
     misordered = None
     if method.clean_gradient:
@@ -463,7 +464,7 @@ def build(method: Method, *, rho: ScalarOrSchedule = 0.0, eps: float = 1e-12, ax
     clean_loss = s.value if res.clean_loss is None else res.clean_loss
     rec = tm.record(g, g_adv, perturbation_norm=pert_norm, clean_loss=clean_loss,
                     perturbed_loss=loss if res.loss is None else res.loss, cosine=record_cosine,
-                    misordered=misordered, eps=eps)
+                    misordered=misordered, eps=eps, g_norm=g_norm)
     return tm.mean_over(rec, s.axis_name)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)

@@ -53,13 +53,13 @@ def nnx_value_and_grad_fn(graphdef: Any, rest: Any, loss_fn: Callable[..., jax.A
     >>> import jax, jax.numpy as jnp
     >>> from flax import nnx
     >>> from sam_optax.flax_training import nnx_value_and_grad_fn
-    >>> model = nnx.Linear(2, 1, rngs=nnx.Rngs(0))
-    >>> loss_fn = lambda m, x: jnp.mean(m(x) ** 2)
-    >>> x = jnp.ones((4, 2))
+    >>> model = nnx.Sequential(nnx.Linear(2, 3, rngs=nnx.Rngs(0)), nnx.BatchNorm(3, rngs=nnx.Rngs(1)))
     >>> graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-    >>> loss, g = nnx_value_and_grad_fn(graphdef, rest, loss_fn, x)(params)
-    >>> bool(jnp.allclose(loss, loss_fn(model, x)))
-    True
+    >>> vg = nnx_value_and_grad_fn(graphdef, rest, lambda m, x: jnp.mean(m(x) ** 2), jnp.arange(8.0).reshape(4, 2))
+    >>> loss, g = vg(jax.tree.map(lambda p: 2 * p, params))   # e.g. a perturbed params state
+    >>> stats = jax.tree.leaves(nnx.state(model, nnx.BatchStat))   # untouched by that pass
+    >>> [float(jnp.abs(s).max()) for s in stats]
+    [0.0, 1.0]
   """
   from flax import nnx
 

@@ -226,6 +226,11 @@ def gated_jit(step: Callable, *, host_gating: bool | None = None, **jit_kwargs) 
     def jitted(self):
       return compiled
 
+    def lower(self, *args, decision: bool = True, **kwargs):
+      """The program of one branch, lowered (for ``.compile().memory_analysis()``)."""
+      args, kwargs = _set_gates((args, kwargs), decision)
+      return compiled.lower(*args, **kwargs)
+
   out = _Call()
   functools.update_wrapper(out, step)
   return out
@@ -235,3 +240,14 @@ def follow_count(count: Any, extra: Callable[[int], bool]) -> tuple[Callable[[in
   """A host plan for a schedule that depends on the step count only: reads it once."""
   start = int(np.asarray(count))
   return (lambda steps: extra(start + steps)), True
+
+
+def count_plan(constant: str, rule: Callable[[int, int], bool], doc: str) -> Callable:
+  """A ``host_plan`` method for a state whose schedule is ``rule(count, constant)``, with the
+  state's field ``constant`` fixed at init (LookSAM's period, late-phase SAM's start step)."""
+  def host_plan(self):
+    value = int(np.asarray(getattr(self, constant)))
+    return follow_count(self.count, lambda count: rule(count, value))
+
+  host_plan.__doc__ = doc
+  return host_plan

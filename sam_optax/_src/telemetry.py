@@ -80,9 +80,11 @@ def _optional(x: Any) -> tuple[jax.Array, jax.Array]:
 
 def record(g: Any, g_adv: Any, *, perturbation_norm: Any, clean_loss: Any = None,
            perturbed_loss: Any = None, cosine: bool = False, misordered: Any = None,
-           eps: float = 1e-12) -> Telemetry:
-  """The telemetry of one step; a loss given as None is recorded as absent (0, flag 0)."""
-  g_norm, adv_norm = tu.norm(g), tu.norm(g_adv)
+           eps: float = 1e-12, g_norm: Any = None) -> Telemetry:
+  """The telemetry of one step; a loss given as None is recorded as absent (0, flag 0);
+  ``g_norm``: ||g|| if already reduced (before the second pass, so g need not outlive it)."""
+  g_norm = tu.norm(g) if g_norm is None else g_norm
+  adv_norm = tu.norm(g_adv)
   cos = _f32(tu.vdot(g, g_adv) * tu.safe_inverse(g_norm * adv_norm, eps * eps)) if cosine else None
   (cl, has_cl), (pl, has_pl) = _optional(clean_loss), _optional(perturbed_loss)
   flag = jnp.zeros([], jnp.int32) if misordered is None else misordered.astype(jnp.int32)

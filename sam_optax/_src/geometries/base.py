@@ -27,11 +27,17 @@ from sam_optax._src.validation import check_real
 PyTree = Any
 Projection = Callable[[PyTree, jax.Array, PyTree], PyTree]
 PROJECT = "project_onto_radius"
+NORM = "direction_norm_of"
 
 
 class Projected(NamedTuple):
   """What a geometry's ``update`` returns when asked for a projection."""
   delta: PyTree
+
+
+class DirectionNorm(NamedTuple):
+  """What a geometry's ``update`` returns when asked for ``||d(g)||`` in closed form."""
+  value: jax.Array
 
 
 class Perturbation(optax.GradientTransformationExtraArgs):
@@ -75,17 +81,29 @@ def make_perturbation(init: Callable, update: Callable, project: Projection | No
   return with_projection(init, update, lambda delta, radius, params, state: projection(delta, radius, params))
 
 
-def with_projection(init: Callable, update: Callable, project: Callable) -> Perturbation:
+def with_projection(init: Callable, update: Callable, project: Callable,
+                    norm: Callable | None = None) -> Perturbation:
   """A :class:`Perturbation` whose projection also sees its state:
-  ``project(delta, radius, params, state)``."""
+  ``project(delta, radius, params, state)``; ``norm(g, params)``, if given, is
+  ``||d(g)||`` in closed form (the telemetry then need not reduce the perturbation
+  itself, which would make XLA keep a params-sized copy of it)."""
 
   def update_or_project(updates, state, params=None, **extra_args):
     radius = extra_args.pop(PROJECT, None)
     if radius is not None:
       return Projected(project(updates, radius, params, state)), state
+    if extra_args.pop(NORM, None) is not None:
+      return (None if norm is None else DirectionNorm(norm(updates, params))), state
     return update(updates, state, params, **extra_args)
 
   return Perturbation(init, update_or_project)
+
+
+def direction_norm(perturbation: optax.GradientTransformation, state: Any, g: PyTree,
+                   params: PyTree) -> jax.Array | None:
+  """``||d(g)||`` if the geometry knows it in closed form, else None."""
+  out, _ = optax.with_extra_args_support(perturbation).update(g, state, params, **{NORM: True})
+  return out.value if isinstance(out, DirectionNorm) else None
 
 
 def project(perturbation: optax.GradientTransformation, state: Any, delta: PyTree,

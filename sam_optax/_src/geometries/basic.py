@@ -8,13 +8,8 @@ import jax
 import jax.numpy as jnp
 
 from sam_optax._src import tree as tu
-from sam_optax._src.geometries.base import (
-    Perturbation,
-    check_nonneg,
-    make_perturbation,
-    project_l2,
-    stateless_init,
-)
+from sam_optax._src.geometries import base
+from sam_optax._src.geometries.base import Perturbation, make_perturbation, project_l2, stateless_init
 
 PyTree = Any
 
@@ -45,13 +40,16 @@ def l2(eps: float = 1e-12) -> Perturbation:
     Efficiently Improving Generalization <https://arxiv.org/abs/2010.01412>`_,
     ICLR 2021.
   """
-  eps = check_nonneg("eps", eps, "l2", "use a small positive value such as 1e-12.")
+  eps = base.check_nonneg("eps", eps, "l2", "use a small positive value such as 1e-12.")
 
   def update(updates, state, params=None, **extra_args):
     del params, extra_args
     return tu.normalize(updates, eps), state
 
-  return make_perturbation(stateless_init, update, project_l2)
+  # ||d|| = ||g|| / ||g|| in closed form (1, or 0 for a zero gradient)
+  norm = lambda g, params: tu.norm(g) * tu.safe_inverse(tu.norm(g), eps)
+  return base.with_projection(stateless_init, update,
+                              lambda delta, radius, params, state: project_l2(delta, radius, params), norm)
 
 
 def unnormalized() -> Perturbation:
@@ -131,7 +129,7 @@ def fisher(eta: float = 1.0, eps: float = 1e-12) -> Perturbation:
     Kim, Li, Hu, Hospedales, `Fisher SAM: Information Geometry and Sharpness
     Aware Minimisation <https://arxiv.org/abs/2206.04920>`_, ICML 2022.
   """
-  eta = check_nonneg("eta", eta, "fisher", "the paper uses eta=1.0.")
+  eta = base.check_nonneg("eta", eta, "fisher", "the paper uses eta=1.0.")
 
   def update(updates, state, params=None, **extra_args):
     del params, extra_args

@@ -9,29 +9,31 @@ import jax.numpy as jnp
 import optax
 
 from sam_optax._src import tree as tu
-from sam_optax._src.geometries.base import (
-    Perturbation,
-    check_decay,
-    check_nonneg,
-    check_unit,
-    make_perturbation,
-    project_l2,
-)
+from sam_optax._src.geometries import base
+from sam_optax._src.geometries.base import Perturbation, make_perturbation, project_l2
 
 PyTree = Any
+
+
+def _empty_history(state: type):
+  """The init of a geometry with a memory: count 0 (no gradient seen yet) and a zero tree like params."""
+  return lambda params: state(jnp.zeros([], jnp.int32), tu.zeros_like(params))
 
 
 # ---------------------------------------------------------------- friendly (F-SAM)
 
 
 class FriendlyState(NamedTuple):
-  """State of :func:`friendly`: the EMA ``m`` of past gradients and a step count.
+  """State of :func:`friendly`: ``momentum``, the EMA ``m`` of past gradients (the estimate of
+  the full-batch gradient that F-SAM removes), and ``count``, which is 0 until a first gradient
+  has seeded the EMA with :math:`m_0 = g_0`.
 
   Example:
     >>> import jax.numpy as jnp, sam_optax
-    >>> state = sam_optax.friendly().init(jnp.zeros(2))
-    >>> isinstance(state, sam_optax.FriendlyState), int(state.count)
-    (True, 0)
+    >>> p = sam_optax.friendly(decay=0.9)
+    >>> _, state = p.update(jnp.array([2.0, 0.0]), p.init(jnp.zeros(2)))
+    >>> state.momentum.tolist(), int(state.count)   # seeded with g_0, not decayed from zeros
+    ([2.0, 0.0], 1)
   """
   count: jax.Array
   momentum: PyTree
@@ -63,11 +65,8 @@ def friendly(sigma: float = 1.0, decay: float = 0.9, eps: float = 1e-12) -> Pert
     Li, Zhou, Cheng, Pan, Yang, `Friendly Sharpness-Aware Minimization
     <https://arxiv.org/abs/2403.12350>`_, CVPR 2024.
   """
-  sigma = check_nonneg("sigma", sigma, "friendly", "the paper uses sigma=1.0.")
-  decay = check_decay("decay", decay, "friendly")
-
-  def init(params):
-    return FriendlyState(jnp.zeros([], jnp.int32), tu.zeros_like(params))
+  sigma = base.check_nonneg("sigma", sigma, "friendly", "the paper uses sigma=1.0.")
+  decay = base.check_decay("decay", decay, "friendly")
 
   def update(updates, state, params=None, **extra_args):
     del params, extra_args
@@ -79,20 +78,23 @@ def friendly(sigma: float = 1.0, decay: float = 0.9, eps: float = 1e-12) -> Pert
                                ).astype(m.dtype), updates, state.momentum)
     return tu.normalize(d, eps), FriendlyState(optax.safe_increment(state.count), new_m)
 
-  return make_perturbation(init, update, project_l2)
+  return make_perturbation(_empty_history(FriendlyState), update, project_l2)
 
 
 # ----------------------------------------------------------------- VaSSO
 
 
 class VarianceSuppressedState(NamedTuple):
-  """State of :func:`variance_suppressed`: the smoothed direction ``d`` and a count.
+  r"""State of :func:`variance_suppressed`: ``direction``, the gradient average :math:`d_t`
+  *before* normalization (the update returns :math:`d_t/\|d_t\|`, the state keeps the
+  magnitude the next average needs), and ``count``, 0 until the first step sets :math:`d_0 = g_0`.
 
   Example:
     >>> import jax.numpy as jnp, sam_optax
-    >>> state = sam_optax.variance_suppressed().init(jnp.zeros(2))
-    >>> isinstance(state, sam_optax.VarianceSuppressedState), int(state.count)
-    (True, 0)
+    >>> p = sam_optax.variance_suppressed()
+    >>> d, state = p.update(jnp.array([3.0, 4.0]), p.init(jnp.zeros(2)))
+    >>> [round(float(x), 4) for x in d], state.direction.tolist()   # unit direction out, raw average kept
+    ([0.6, 0.8], [3.0, 4.0])
   """
   count: jax.Array
   direction: PyTree
@@ -117,10 +119,7 @@ def variance_suppressed(theta: float = 0.9, eps: float = 1e-12) -> Perturbation:
     Li, Giannakis, `Enhancing Sharpness-Aware Optimization Through Variance
     Suppression <https://arxiv.org/abs/2309.15639>`_, NeurIPS 2023.
   """
-  theta = check_unit("theta", theta, "variance_suppressed")
-
-  def init(params):
-    return VarianceSuppressedState(jnp.zeros([], jnp.int32), tu.zeros_like(params))
+  theta = base.check_unit("theta", theta, "variance_suppressed")
 
   def update(updates, state, params=None, **extra_args):
     del params, extra_args
@@ -132,4 +131,4 @@ def variance_suppressed(theta: float = 0.9, eps: float = 1e-12) -> Perturbation:
     return (tu.normalize(new_d, eps),
             VarianceSuppressedState(optax.safe_increment(state.count), new_d))
 
-  return make_perturbation(init, update, project_l2)
+  return make_perturbation(_empty_history(VarianceSuppressedState), update, project_l2)

@@ -9,14 +9,8 @@ import jax.numpy as jnp
 import optax
 
 from sam_optax._src import tree as tu
-from sam_optax._src.geometries.base import (
-    Perturbation,
-    check_decay,
-    check_nonneg,
-    make_perturbation,
-    project_l2,
-    stateless_init,
-)
+from sam_optax._src.geometries import base
+from sam_optax._src.geometries.base import Perturbation, make_perturbation, project_l2, stateless_init
 
 PyTree = Any
 ADAM_STATE = "adam_state"
@@ -59,7 +53,7 @@ def monge(eps: float = 1e-12) -> Perturbation:
     Sharpness-Aware Minimization Based on Loss Geometry
     <https://arxiv.org/abs/2502.08448>`_, 2025.
   """
-  eps = check_nonneg("eps", eps, "monge", "use a small positive value such as 1e-12.")
+  eps = base.check_nonneg("eps", eps, "monge", "use a small positive value such as 1e-12.")
 
   def update(updates, state, params=None, **extra_args):
     del params, extra_args
@@ -161,9 +155,9 @@ def preconditioned(b2: float = 0.999, eps: float = 1e-8, *, norm_eps: float = 1e
     applicability of SAM <https://arxiv.org/abs/2502.02407>`_, ICML 2025.
   """
   fn = "preconditioned"
-  b2 = check_decay("b2", b2, fn)
-  eps = check_nonneg("eps", eps, fn, "Adam's default is 1e-8.")
-  norm_eps = check_nonneg("norm_eps", norm_eps, fn, "use a small positive value such as 1e-12.")
+  b2 = base.check_decay("b2", b2, fn)
+  eps = base.check_nonneg("eps", eps, fn, "Adam's default is 1e-8.")
+  norm_eps = base.check_nonneg("norm_eps", norm_eps, fn, "use a small positive value such as 1e-12.")
   if moments not in (None, "adam"):
     raise ValueError(f"`{fn}(moments=...)` must be None (keep an EMA of g^2 here) or \"adam\" "
                      f"(read the base Adam's `nu`, passed as `{ADAM_STATE}=`), got {moments!r}.")

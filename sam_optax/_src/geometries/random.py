@@ -9,15 +9,8 @@ import jax.numpy as jnp
 import optax
 
 from sam_optax._src import tree as tu
-from sam_optax._src.geometries.base import (
-  Perturbation,
-  check_decay,
-  check_nonneg,
-  check_unit,
-  make_perturbation,
-  need_params,
-  project_l2,
-)
+from sam_optax._src.geometries import base
+from sam_optax._src.geometries.base import Perturbation, make_perturbation, project_l2
 from sam_optax._src.validation import check_int
 
 PyTree = Any
@@ -64,7 +57,7 @@ def stochastic(keep_prob: float = 0.5, seed: int = 0, eps: float = 1e-12) -> Per
     Minimization for Improved Training of Neural Networks
     <https://arxiv.org/abs/2110.03141>`_, ICLR 2022.
   """
-  keep_prob = check_unit("keep_prob", keep_prob, "stochastic")
+  keep_prob = base.check_unit("keep_prob", keep_prob, "stochastic")
   seed = check_int("seed", seed, "stochastic")
 
   def init(params):
@@ -140,9 +133,9 @@ def sparse(sparsity: float = 0.5, refresh_every: int = 100, decay: float = 0.9,
     Stronger: A Sparsified Perturbation Approach
     <https://arxiv.org/abs/2210.05177>`_, NeurIPS 2022.
   """
-  sparsity = check_decay("sparsity", sparsity, "sparse")
+  sparsity = base.check_decay("sparsity", sparsity, "sparse")
   refresh_every = check_int("refresh_every", refresh_every, "sparse", minimum=1)
-  decay = check_decay("decay", decay, "sparse")
+  decay = base.check_decay("decay", decay, "sparse")
 
   def init(params):
     return SparseState(jnp.zeros([], jnp.int32),
@@ -227,7 +220,7 @@ def random_weight(sigma: float = 0.015, seed: int = 0) -> Perturbation:
     Efficiently Improving Generalization <https://arxiv.org/abs/2404.00357>`_,
     TMLR 2024.
   """
-  sigma = check_nonneg("sigma", sigma, "random_weight", "the paper uses sigma=0.015.")
+  sigma = base.check_nonneg("sigma", sigma, "random_weight", "the paper uses sigma=0.015.")
   seed = check_int("seed", seed, "random_weight")
 
   def init(params):
@@ -245,7 +238,7 @@ def random_weight(sigma: float = 0.015, seed: int = 0) -> Perturbation:
 
   def update(updates, state, params=None, **extra_args):
     del updates, extra_args
-    need_params(params, "random_weight")
+    base.need_params(params, "random_weight")
     key, sub = jax.random.split(jax.random.wrap_key_data(state.key))
     leaves, treedef = jax.tree.flatten(params)
     keys = jax.random.split(sub, max(len(leaves), 1))

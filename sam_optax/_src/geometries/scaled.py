@@ -11,14 +11,8 @@ import jax.numpy as jnp
 import optax
 
 from sam_optax._src import tree as tu
-from sam_optax._src.geometries.base import (
-  Perturbation,
-  check_nonneg,
-  need_params,
-  project,
-  select_leaves,
-  with_projection,
-)
+from sam_optax._src.geometries import base as geo_base
+from sam_optax._src.geometries.base import Perturbation, project, select_leaves, with_projection
 from sam_optax._src.geometries.basic import l2
 
 PyTree = Any
@@ -32,9 +26,9 @@ class AdaptiveState(NamedTuple):
 
   Example:
     >>> import jax.numpy as jnp, sam_optax
-    >>> state = sam_optax.adaptive().init(jnp.ones(2))
-    >>> isinstance(state, sam_optax.AdaptiveState)
-    True
+    >>> state = sam_optax.adaptive(base=sam_optax.friendly()).init(jnp.ones(2))
+    >>> type(state.base).__name__   # the base geometry's own state, nested
+    'FriendlyState'
   """
   base: optax.OptState
 
@@ -74,7 +68,7 @@ def adaptive(eta: float = 0.01, *, base: optax.GradientTransformation | None = N
     Scale-Invariant Learning of Deep Neural Networks
     <https://arxiv.org/abs/2102.11600>`_, ICML 2021.
   """
-  eta = check_nonneg("eta", eta, "adaptive", "the paper uses eta=0.01.")
+  eta = geo_base.check_nonneg("eta", eta, "adaptive", "the paper uses eta=0.01.")
   inner = l2() if base is None else base
   inner_update = optax.with_extra_args_support(inner).update
 
@@ -89,7 +83,7 @@ def adaptive(eta: float = 0.01, *, base: optax.GradientTransformation | None = N
     return AdaptiveState(inner.init(params))
 
   def update(updates, state, params=None, **extra_args):
-    need_params(params, "adaptive")
+    geo_base.need_params(params, "adaptive")
     t = scale_of(params)
     scaled = jax.tree.map(lambda g, s: g * s.astype(g.dtype), updates, t)
     d, base_state = inner_update(scaled, state.base, params, **extra_args)
@@ -240,10 +234,10 @@ def kernel_mask(params: PyTree) -> PyTree:
 
   Example:
     >>> import jax.numpy as jnp, sam_optax
-    >>> params = {"Dense_0": {"kernel": jnp.ones((2, 3)), "bias": jnp.zeros(3)},
-    ...           "BatchNorm_0": {"scale": jnp.ones(3), "bias": jnp.zeros(3)}}
-    >>> sam_optax.kernel_mask(params)
-    {'BatchNorm_0': {'bias': False, 'scale': False}, 'Dense_0': {'bias': False, 'kernel': True}}
+    >>> sam_optax.kernel_mask({"embed": {"embedding": jnp.ones((5, 2))}, "ln": {"scale": jnp.ones(2)}})
+    {'embed': {'embedding': True}, 'ln': {'scale': False}}
+    >>> sam_optax.kernel_mask([jnp.ones((2, 3)), jnp.zeros(3)])   # no names: rank >= 2 is a weight
+    [True, False]
   """
   paths, treedef = _leaf_paths(params)
   leaves = jax.tree.leaves(params)

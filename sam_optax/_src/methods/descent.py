@@ -22,10 +22,12 @@ class GSAMState(NamedTuple):
   """State of :func:`gsam`: the step count, the perturbation's state and the telemetry.
 
   Example:
-    >>> import jax.numpy as jnp, sam_optax
-    >>> state = sam_optax.gsam(0.05).init(jnp.ones(2))
-    >>> isinstance(state, sam_optax.GSAMState), int(state.count)
-    (True, 0)
+    >>> import jax, jax.numpy as jnp, sam_optax
+    >>> grad_fn = jax.grad(lambda w: jnp.sum(w ** 4))
+    >>> tx, w = sam_optax.gsam(0.05), jnp.ones(2)
+    >>> _, state = tx.update(grad_fn(w), tx.init(w), w, grad_fn=grad_fn)
+    >>> int(state.count), round(float(state.telemetry.perturbation_norm), 4)   # |eps| = rho
+    (1, 0.05)
   """
   count: jax.Array
   perturbation_state: optax.OptState
@@ -58,13 +60,12 @@ def gsam(rho: engine.ScalarOrSchedule = 0.05, alpha: float = 0.6, *,
   Example:
     >>> import jax, jax.numpy as jnp, sam_optax
     >>> grad_fn = jax.grad(lambda w: jnp.sum(w ** 4))
-    >>> w = jnp.array([1.0, -2.0])
-    >>> g = grad_fn(w)
-    >>> tx = sam_optax.gsam(0.05, alpha=0.5)
-    >>> out, _ = tx.update(g, tx.init(w), w, grad_fn=grad_fn)
-    >>> g_p = grad_fn(w + 0.05 * g / jnp.linalg.norm(g))   # by hand
-    >>> u = g_p / jnp.linalg.norm(g_p)
-    >>> bool(jnp.allclose(out, g_p - 0.5 * (g - (g @ u) * u), rtol=1e-5))
+    >>> w = jnp.array([1.0, -2.0]); g = grad_fn(w)
+    >>> run = lambda tx: tx.update(g, tx.init(w), w, grad_fn=grad_fn)[0]
+    >>> g_p = grad_fn(w + 0.05 * g / jnp.linalg.norm(g)); u = g_p / jnp.linalg.norm(g_p)   # by hand
+    >>> bool(jnp.allclose(run(sam_optax.gsam(0.05, alpha=0.5)), g_p - 0.5 * (g - (g @ u) * u), rtol=1e-5))
+    True
+    >>> bool(jnp.array_equal(run(sam_optax.gsam(0.05, alpha=0.0)), run(sam_optax.sharpness_aware(0.05))))
     True
 
   References:
@@ -137,8 +138,8 @@ class GradientNormPenaltyState(NamedTuple):
   Example:
     >>> import jax.numpy as jnp, sam_optax
     >>> state = sam_optax.gradient_norm_penalty().init(jnp.ones(3))
-    >>> isinstance(state, sam_optax.GradientNormPenaltyState)
-    True
+    >>> state.perturbation_state   # the default l2 geometry keeps nothing between steps
+    EmptyState()
   """
   count: jax.Array
   perturbation_state: optax.OptState

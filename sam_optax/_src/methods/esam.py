@@ -136,12 +136,9 @@ def esam(rho: engine.ScalarOrSchedule = 0.05, gamma: float = 0.5, *,
   rho = engine.check_rho(rho, fn)
   gamma = check_real("gamma", gamma, fn, low=0.0, high=1.0, low_open=True,
                      hint="the fraction of the batch kept for the second pass; the paper uses 0.5")
-  eps = sam_method.check_eps(eps, fn)
-  engine.check_axis_name(axis_name, fn)
-  engine.check_telemetry(telemetry, fn)
-  if perturbation is None:
-    perturbation = geo.stochastic(0.6, seed=seed, eps=eps)
-  ascent = sam_method.ascent(sam_method.check_perturbation(perturbation, eps, fn))
+  eps, perturbation, ascent = sam_method.check_geometry(
+      fn, eps, axis_name, perturbation, telemetry=telemetry,
+      default=lambda eps: geo.stochastic(0.6, seed=seed, eps=eps))
 
   def points(s):
     pts = ascent(s)

@@ -22,10 +22,12 @@ class FunctionalSAMState(NamedTuple):
   (its perturbed loss is :math:`\\frac1B\\sum_i \\ell_i(F(w+\\epsilon))`, from the forward of the VJP).
 
   Example:
-    >>> import jax.numpy as jnp, sam_optax
-    >>> state = sam_optax.functional_sam(0.05).init(jnp.ones(2))
-    >>> isinstance(state, sam_optax.FunctionalSAMState), int(state.count)
-    (True, 0)
+    >>> import jax, jax.numpy as jnp, sam_optax
+    >>> obj = sam_optax.Objective(lambda w, b: b @ w, lambda out, b: out ** 2, jnp.eye(2))
+    >>> w, tx = jnp.array([1.0, 2.0]), sam_optax.functional_sam(0.05)
+    >>> _, state = tx.update(jax.grad(obj.loss)(w), tx.init(w), w, objective=obj)
+    >>> int(state.telemetry.has_clean_loss), int(state.telemetry.has_perturbed_loss)   # no value= needed
+    (1, 1)
   """
   count: jax.Array
   perturbation_state: optax.OptState
@@ -92,10 +94,7 @@ def functional_sam(rho: engine.ScalarOrSchedule = 0.05, *,
   """
   fn = "functional_sam"
   rho = engine.check_rho(rho, fn)
-  eps = sam_method.check_eps(eps, fn)
-  engine.check_axis_name(axis_name, fn)
-  perturbation = sam_method.check_perturbation(perturbation, eps, fn)
-  ascent = sam_method.ascent(perturbation)
+  eps, perturbation, ascent = sam_method.check_geometry(fn, eps, axis_name, perturbation)
 
   def points(s):
     pts = ascent(s)

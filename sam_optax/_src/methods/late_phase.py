@@ -6,7 +6,6 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
 from sam_optax._src import engine, gating
@@ -38,10 +37,8 @@ class LatePhaseState(NamedTuple):
   sam_step_fraction: jax.Array
   gate: gating.Gate = gating.Gate()
 
-  def host_plan(self):
-    """The schedule as the host follows it: ``transform`` from ``start_step`` on."""
-    start = int(np.asarray(self.start_step))
-    return gating.follow_count(self.count, lambda count: count >= start)
+  host_plan = gating.count_plan("start_step", lambda count, start: count >= start,
+                                "The schedule as the host follows it: ``transform`` from ``start_step`` on.")
 
 
 def late_phase(transform: optax.GradientTransformation, start_step: int, *,
@@ -73,13 +70,16 @@ def late_phase(transform: optax.GradientTransformation, start_step: int, *,
   Example:
     >>> import jax, jax.numpy as jnp, sam_optax
     >>> grad_fn = jax.grad(lambda w: jnp.sum(w ** 4))
-    >>> w = jnp.array([1.0, -2.0])
-    >>> g = grad_fn(w)
-    >>> tx = sam_optax.late_phase(sam_optax.sharpness_aware(0.05), start_step=1)
-    >>> out0, state = tx.update(g, tx.init(w), w, grad_fn=grad_fn)   # step 0: plain
-    >>> out1, state = tx.update(g, state, w, grad_fn=grad_fn)        # step 1: SAM
-    >>> bool(jnp.array_equal(out0, g)), bool(jnp.allclose(out1, grad_fn(w + 0.05 * g / jnp.linalg.norm(g))))
+    >>> w = jnp.array([1.0, -2.0]); g = grad_fn(w)
+    >>> tx, outs = sam_optax.late_phase(sam_optax.sharpness_aware(0.05), start_step=1), []
+    >>> state = tx.init(w)
+    >>> for _ in range(2):   # step 0: plain, step 1: SAM
+    ...   out, state = tx.update(g, state, w, grad_fn=grad_fn)
+    ...   outs.append(out)
+    >>> bool(jnp.array_equal(outs[0], g)), bool(jnp.allclose(outs[1], grad_fn(w + 0.05 * g / jnp.linalg.norm(g))))
     (True, True)
+    >>> int(state.inner.count)   # the wrapped transform counted only the step it ran
+    1
 
   References:
     Zhou, Wang, Mao, Li, Yan, `Sharpness-Aware Minimization Efficiently Selects Flatter

@@ -6,7 +6,6 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
 from sam_optax._src import engine, gating
@@ -50,10 +49,8 @@ class LookSAMState(NamedTuple):
   sam_step_fraction: jax.Array
   gate: gating.Gate = gating.Gate()
 
-  def host_plan(self):
-    """The schedule as the host follows it: SAM steps where the count is a multiple of k."""
-    period = int(np.asarray(self.period))
-    return gating.follow_count(self.count, lambda count: count % period == 0)
+  host_plan = gating.count_plan("period", lambda count, period: count % period == 0,
+                                "The schedule as the host follows it: SAM steps where the count is a multiple of k.")
 
 
 def looksam(rho: engine.ScalarOrSchedule = 0.05, k: int = 5, alpha: float = 0.7, *,
@@ -99,8 +96,7 @@ def looksam(rho: engine.ScalarOrSchedule = 0.05, k: int = 5, alpha: float = 0.7,
   rho = engine.check_rho(rho, fn)
   k = check_int("k", k, fn, minimum=1, hint="the paper uses 5")
   alpha = check_real("alpha", alpha, fn, low=0.0, hint="the paper uses 0.7")
-  eps = sam_method.check_eps(eps, fn)
-  engine.check_axis_name(axis_name, fn)
+  eps, perturbation, ascent = sam_method.check_geometry(fn, eps, axis_name, perturbation)
 
   def init(params):
     return {"g_v": tu.zeros_like(params), "g_v_norm": jnp.zeros([], tu.reduction_dtype(params)),
@@ -119,8 +115,6 @@ def looksam(rho: engine.ScalarOrSchedule = 0.05, k: int = 5, alpha: float = 0.7,
     return engine.Result(out, {"perturbation_state": s.state.perturbation_state, "g_v": s.state.g_v,
                                "g_v_norm": s.state.g_v_norm})
 
-  perturbation = sam_method.check_perturbation(perturbation, eps, fn)
-  ascent = sam_method.ascent(perturbation)
   m = engine.Method(fn, LookSAMState,
                     lambda params: {"perturbation_state": perturbation.init(params), **init(params)},
                     ascent, combine, keeps_gradient=True,

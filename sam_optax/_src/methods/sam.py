@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
+import jax.numpy as jnp
 import optax
 
 from sam_optax._src import engine
@@ -51,6 +53,26 @@ def check_eps(eps: Any, fn: str) -> float:
   return check_real("eps", eps, fn, low=0.0, hint="use a small positive value such as 1e-12")
 
 
+_UNCHECKED = object()  # telemetry= not passed: the method has no such argument, nothing to check
+
+
+def check_geometry(fn: str, eps: Any, axis_name: Any, perturbation: Any, *, telemetry: Any = _UNCHECKED,
+                   default: Callable[[float], Any] | None = None) -> tuple:
+  """The checks a method that perturbs along a geometry shares, in the order their errors
+  are raised: ``eps``, ``axis_name``, ``telemetry`` (when given), ``perturbation`` (None:
+  ``default(eps)`` when given, else ``l2(eps)``). Returns ``(eps, perturbation, ascent)``,
+  the last its one-step :func:`ascent`; ``rho`` and the method's own arguments are checked
+  by the caller first, so each error keeps its place."""
+  eps = check_eps(eps, fn)
+  engine.check_axis_name(axis_name, fn)
+  if telemetry is not _UNCHECKED:
+    engine.check_telemetry(telemetry, fn)
+  if perturbation is None and default is not None:
+    perturbation = default(eps)
+  perturbation = check_perturbation(perturbation, eps, fn)
+  return eps, perturbation, ascent(perturbation)
+
+
 def ascent(perturbation: optax.GradientTransformation, ascent_steps: int = 1):
   r"""The ``points`` of SAM and every method that perturbs along a geometry.
 
@@ -66,6 +88,10 @@ def ascent(perturbation: optax.GradientTransformation, ascent_steps: int = 1):
     direction, p_state = p_update(s.updates, s.state.perturbation_state, s.params, **s.extra_args)
     if ascent_steps == 1:
       delta = tu.scale(direction, s.radius)
+      # |rho| ||d|| where the geometry knows ||d|| in closed form: reducing delta itself
+      # makes XLA keep a params-sized copy of it through the second pass
+      d_norm = geo.direction_norm(perturbation, p_state, s.updates, s.params)
+      pert_norm = tu.norm(delta) if d_norm is None else jnp.abs(s.radius) * d_norm
     else:
       step = s.radius / ascent_steps
       delta = geo.project(perturbation, p_state, tu.scale(direction, step), s.radius, s.params)
@@ -75,7 +101,8 @@ def ascent(perturbation: optax.GradientTransformation, ascent_steps: int = 1):
         _, g = s.closures(tu.add_scaled(s.params, 1.0, delta))
         d, p_state = p_update(g, p_state, s.params, **s.extra_args)
         delta = geo.project(perturbation, p_state, tu.add_scaled(delta, step, d), s.radius, s.params)
-    return engine.Points(tu.add_scaled(s.params, 1.0, delta), delta=delta,
+      pert_norm = tu.norm(delta)
+    return engine.Points(tu.add_scaled(s.params, 1.0, delta), perturbation_norm=pert_norm,
                          fields={"perturbation_state": p_state})
 
   return points

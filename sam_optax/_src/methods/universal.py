@@ -256,20 +256,21 @@ def frob_sam(rho: engine.ScalarOrSchedule = 0.005, lam: float = 0.005, num_sampl
     step: 1 + n.
 
   Example:
-    >>> import jax, jax.numpy as jnp, optax, sam_optax
-    >>> loss = lambda w: jnp.sum(w ** 4)
-    >>> w = jnp.ones(3)
-    >>> tx = optax.chain(sam_optax.frob_sam(0.01, lam=0.01), optax.sgd(0.1))
-    >>> state = tx.init(w)
-    >>> updates, state = tx.update(jax.grad(loss)(w), state, w,
-    ...                            value_and_grad_fn=jax.value_and_grad(loss))
-    >>> updates.shape
-    (3,)
+    >>> import jax, jax.numpy as jnp, sam_optax
+    >>> vg = jax.value_and_grad(lambda w: jnp.sum(w ** 4))
+    >>> w = jnp.array([1.0, -0.5])
+    >>> g = vg(w)[1]
+    >>> off = sam_optax.frob_sam(rho=0.0)   # no perturbation, no penalty: g itself
+    >>> bool(jnp.array_equal(off.update(g, off.init(w), w, value_and_grad_fn=vg)[0], g))
+    True
+    >>> tx = sam_optax.frob_sam(0.01, lam=0.01, num_samples=4)
+    >>> out, state = tx.update(g, tx.init(w), w, value_and_grad_fn=vg)
+    >>> state.telemetry.perturbed_loss is not None   # the mean loss over the 4 points
+    True
 
   References:
-    Tahmasebi, Soleymani, Bahri, Jegelka, Jaillet, `A Universal Class of
-    Sharpness-Aware Minimization Algorithms <https://arxiv.org/abs/2406.03682>`_,
-    ICML 2024.
+    Tahmasebi et al., ICML 2024 (cited in full at :func:`trace_sam`), where the
+    Frobenius-norm instance is derived from the loss variance.
   """
   fn = "frob_sam"
   rho, num_samples, seed = _check_common(fn, rho, num_samples, seed, minimum=2)
@@ -334,21 +335,20 @@ def det_sam(rho: engine.ScalarOrSchedule = 1.0, lam: float = 1.0, h: float = 0.0
     Passes per step: 1 + n (plus a forward pass without ``value=``).
 
   Example:
-    >>> import jax, jax.numpy as jnp, optax, sam_optax
-    >>> loss = lambda w: jnp.sum(w ** 4)
+    >>> import jax, jax.numpy as jnp, sam_optax
+    >>> vg = jax.value_and_grad(lambda w: jnp.sum(w ** 4))
     >>> w = jnp.ones(3)
-    >>> tx = optax.chain(sam_optax.det_sam(), optax.sgd(0.1))
-    >>> state = tx.init(w)
-    >>> value, g = jax.value_and_grad(loss)(w)
-    >>> updates, state = tx.update(g, state, w, value=value,
-    ...                            value_and_grad_fn=jax.value_and_grad(loss))
-    >>> updates.shape
-    (3,)
+    >>> tx = sam_optax.det_sam(num_samples=2)
+    >>> value, g = vg(w)
+    >>> given, _ = tx.update(g, tx.init(w), w, value=value, value_and_grad_fn=vg)
+    >>> recomputed, _ = tx.update(g, tx.init(w), w, value_and_grad_fn=vg)   # L(w) by one more call
+    >>> bool(jnp.allclose(given, recomputed))
+    True
 
   References:
-    Tahmasebi, Soleymani, Bahri, Jegelka, Jaillet, `A Universal Class of
-    Sharpness-Aware Minimization Algorithms <https://arxiv.org/abs/2406.03682>`_,
-    ICML 2024.
+    Tahmasebi et al., `A Universal Class of Sharpness-Aware Minimization Algorithms
+    <https://arxiv.org/abs/2406.03682>`_, ICML 2024: the determinant instance and its
+    :math:`\psi, \phi` pair.
   """
   fn = "det_sam"
   rho, num_samples, seed = _check_common(fn, rho, num_samples, seed)

@@ -39,9 +39,9 @@ class StableSAMState(NamedTuple):
 
   Example:
     >>> import jax.numpy as jnp, sam_optax
-    >>> state = sam_optax.stable_sam(0.05).init(jnp.ones(2))
-    >>> isinstance(state, sam_optax.StableSAMState), int(state.count)
-    (True, 0)
+    >>> state = sam_optax.stable_sam(0.05, perturbation=sam_optax.stochastic(seed=0)).init(jnp.ones(2))
+    >>> type(state.perturbation_state).__name__   # a random geometry keeps its PRNG key here
+    'StochasticState'
   """
   count: jax.Array
   perturbation_state: optax.OptState
@@ -184,9 +184,7 @@ def wsam_optimizer(base_optimizer: optax.GradientTransformation,
 def _wsam(fn, rho, gamma, base_optimizer, learning_rate, perturbation, eps, axis_name):
   rho = engine.check_rho(rho, fn)
   gamma = _check_gamma(gamma, fn)
-  eps = sam_method.check_eps(eps, fn)
-  engine.check_axis_name(axis_name, fn)
-  perturbation = sam_method.check_perturbation(perturbation, eps, fn)
+  eps, perturbation, ascent = sam_method.check_geometry(fn, eps, axis_name, perturbation)
   base = None if base_optimizer is None else optax.with_extra_args_support(base_optimizer)
 
   def init(params):
@@ -203,8 +201,7 @@ def _wsam(fn, rho, gamma, base_optimizer, learning_rate, perturbation, eps, axis
     return engine.Result(tu.add_scaled(out, 1.0, tu.cast_like(sharp, out)), {"base": base_state},
                          grad=g_tilde)
 
-  m = engine.Method(fn, WSAMState, init, sam_method.ascent(perturbation), combine,
-                    keeps_gradient=True)
+  m = engine.Method(fn, WSAMState, init, ascent, combine, keeps_gradient=True)
   return engine.build(m, rho=rho, eps=eps, axis_name=axis_name)
 
 
@@ -250,10 +247,7 @@ def stable_sam(rho: engine.ScalarOrSchedule = 0.05, *,
   """
   fn = "stable_sam"
   rho = engine.check_rho(rho, fn)
-  eps = sam_method.check_eps(eps, fn)
-  engine.check_axis_name(axis_name, fn)
-  perturbation = sam_method.check_perturbation(perturbation, eps, fn)
-  ascent = sam_method.ascent(perturbation)
+  eps, perturbation, ascent = sam_method.check_geometry(fn, eps, axis_name, perturbation)
 
   def points(s):
     return ascent(s)._replace(aux=tu.norm(s.updates))
