@@ -238,3 +238,30 @@ def test_nnx_closure_built_before_the_clean_pass_replays_its_dropout_mask():
   again = grad_fn(params)
   for a, b in zip(jax.tree.leaves(clean), jax.tree.leaves(again)):
     np.testing.assert_allclose(a, b, rtol=1e-6)
+
+
+def test_nnx_step_trains_what_the_optimizer_is_built_for():
+  """nnx_sam_update splits and differentiates by the optimizer's ``wrt``: with
+  ``wrt=nnx.LoRAParam`` only the adapters move (it used to assume nnx.Param and fail)."""
+  from flax import nnx
+
+  class Net(nnx.Module):
+    def __init__(self, rngs):
+      self.lin = nnx.LoRALinear(4, 3, lora_rank=2, rngs=rngs)
+
+    def __call__(self, x):
+      return self.lin(x)
+
+  model = Net(nnx.Rngs(0))
+  opt = nnx.Optimizer(model, so.sam(optax.sgd(0.1)), wrt=nnx.LoRAParam)
+  x, y = jnp.ones((8, 4)), jnp.zeros((8, 3))
+  loss_fn = lambda m, x, y: jnp.mean((m(x) - y) ** 2)
+  base = nnx.All(nnx.Param, nnx.Not(nnx.LoRAParam))
+  before = jax.tree.map(jnp.copy, (nnx.state(model, base), nnx.state(model, nnx.LoRAParam)))
+  step = nnx.jit(ft.nnx_sam_update, static_argnums=2)
+  losses = [float(step(model, opt, loss_fn, x, y)) for _ in range(3)]
+  assert losses[-1] < losses[0]
+  for a, b in zip(jax.tree.leaves(before[0]), jax.tree.leaves(nnx.state(model, base))):
+    np.testing.assert_array_equal(a, b)
+  assert any(not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(before[1]),
+                                                       jax.tree.leaves(nnx.state(model, nnx.LoRAParam))))

@@ -109,10 +109,12 @@ def nnx_sam_update(model: Any, optimizer: Any, loss_fn: Callable[..., jax.Array]
   """
   from flax import nnx
 
-  # Built before the clean pass: the same RNG counters, hence the same dropout masks.
-  graphdef, _, rest = nnx.split(model, nnx.Param, ...)
+  # What the optimizer trains (nnx.Param, or nnx.LoRAParam for adapters only), split off
+  # before the clean pass: the same RNG counters, hence the same dropout masks.
+  wrt = getattr(optimizer, "wrt", nnx.Param)
+  graphdef, _, rest = nnx.split(model, wrt, ...)
   value_and_grad_fn = nnx_value_and_grad_fn(graphdef, rest, loss_fn, *args, **kwargs)
-  loss, grads = nnx.value_and_grad(loss_fn)(model, *args, **kwargs)
+  loss, grads = nnx.value_and_grad(loss_fn, argnums=nnx.DiffState(0, wrt))(model, *args, **kwargs)
   optimizer.update(model, grads, value_and_grad_fn=value_and_grad_fn, value=loss)
   return loss
 

@@ -49,7 +49,7 @@ class Telemetry(NamedTuple):
   clean_grad_norm: jax.Array
   perturbation_norm: jax.Array
   perturbed_grad_norm: jax.Array
-  cosine: jax.Array
+  cosine: jax.Array | None
   clean_loss: jax.Array
   perturbed_loss: jax.Array
   has_clean_loss: jax.Array

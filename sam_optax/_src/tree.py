@@ -118,7 +118,7 @@ def add_scaled(a: PyTree, s: jax.Array | float, b: PyTree) -> PyTree:
   return jax.tree.map(lambda x, y: (_acc(x) + s * _acc(y)).astype(x.dtype), a, b)
 
 
-def combine(a: PyTree, ca: jax.Array, b: PyTree, cb: jax.Array) -> PyTree:
+def combine(a: PyTree, ca: jax.Array | float, b: PyTree, cb: jax.Array | float) -> PyTree:
   """ca * a + cb * b, each leaf in a's dtype (complex-safe)."""
   return jax.tree.map(lambda x, y: (ca * _acc(x) + cb * _acc(y)).astype(x.dtype), a, b)
 
