@@ -336,6 +336,25 @@ def with_usam(base: Callable) -> Callable:
   return make
 
 
+def with_psam(base: Callable) -> Callable:
+  """``base`` after preconditioned SAM (``sharpness_aware`` with ``preconditioned()``)."""
+  def make(hp, steps):
+    return optax.chain(so.sharpness_aware(hp["rho"], perturbation=so.preconditioned()),
+                       base(hp, steps))
+  make.__name__ = f"psam_{base.__name__}"
+  return make
+
+
+def with_fsam(base: Callable, preconditioned: bool = False) -> Callable:
+  """``base`` after Functional-SAM (``functional_sam``), with the preconditioned geometry when
+  ``preconditioned``. Needs ``objective=`` at each step: give :func:`fit` an ``objective_of``."""
+  def make(hp, steps):
+    geometry = so.preconditioned() if preconditioned else None
+    return optax.chain(so.functional_sam(hp["rho"], perturbation=geometry), base(hp, steps))
+  make.__name__ = f"{'fpsam' if preconditioned else 'fsam'}_{base.__name__}"
+  return make
+
+
 OPTIMIZERS: dict[str, Callable] = {}
 for _base in (gd_base, sgd_base, adamw_base, adamw_const):
   _name = _base.__name__.replace("_base", "")
@@ -343,6 +362,9 @@ for _base in (gd_base, sgd_base, adamw_base, adamw_const):
   OPTIMIZERS[f"sam_{_name}"] = with_sam(_base)
   OPTIMIZERS[f"asam_{_name}"] = with_asam(_base)
   OPTIMIZERS[f"usam_{_name}"] = with_usam(_base)
+  OPTIMIZERS[f"psam_{_name}"] = with_psam(_base)
+  OPTIMIZERS[f"fsam_{_name}"] = with_fsam(_base)
+  OPTIMIZERS[f"fpsam_{_name}"] = with_fsam(_base, preconditioned=True)
 
 
 # ------------------------------------------------------------------ training loop
@@ -350,12 +372,14 @@ for _base in (gd_base, sgd_base, adamw_base, adamw_const):
 
 def train_scan(loss_fn: Callable, make_opt: Callable, params: PyTree, hp: dict, data: PyTree,
                idx: jax.Array, log_every: int = 0, measure: Callable | None = None,
-               measure_every: int = 0):
+               measure_every: int = 0, objective_of: Callable | None = None):
   """One training run as a ``lax.scan`` over the rows of ``idx`` (steps, batch).
 
   ``loss_fn(params, batch)`` with ``batch = tree_map(lambda a: a[rows], data)``;
   the optimizer gets ``grad_fn`` (the same batch's gradient closure), which the
-  plain base optimizers ignore. With ``measure(params, data) -> pytree`` and
+  plain base optimizers ignore, and with ``objective_of(batch) -> sam_optax.Objective``
+  (the model and its per-example loss, whose mean must be ``loss_fn``) also
+  ``objective=``, which Functional-SAM needs and the others ignore. With ``measure(params, data) -> pytree`` and
   ``measure_every = k``, the scan is nested (an outer scan over blocks of k
   steps), so the measurement runs at the start and after every block without a
   ``cond`` (which ``vmap`` would turn into running both branches).
@@ -371,7 +395,8 @@ def train_scan(loss_fn: Callable, make_opt: Callable, params: PyTree, hp: dict, 
     p, s = carry
     batch = jax.tree.map(lambda a: a[rows], data)
     loss, g = jax.value_and_grad(loss_fn)(p, batch)
-    updates, s = opt.update(g, s, p, grad_fn=lambda q: jax.grad(loss_fn)(q, batch))
+    extra = {} if objective_of is None else {"objective": objective_of(batch)}
+    updates, s = opt.update(g, s, p, grad_fn=lambda q: jax.grad(loss_fn)(q, batch), **extra)
     return (optax.apply_updates(p, updates), s), loss
 
   carry0 = (params, opt.init(params))
@@ -394,24 +419,26 @@ def train_scan(loss_fn: Callable, make_opt: Callable, params: PyTree, hp: dict, 
 
 
 @functools.cache
-def _compiled_fit(loss_fn, make_opt, data_axis, log_every, measure, measure_every):
+def _compiled_fit(loss_fn, make_opt, data_axis, log_every, measure, measure_every, objective_of):
   run = functools.partial(train_scan, loss_fn, make_opt, log_every=log_every, measure=measure,
-                          measure_every=measure_every)
+                          measure_every=measure_every, objective_of=objective_of)
   return jax.jit(jax.vmap(lambda p, hp, d, i: run(p, hp, d, i), in_axes=(0, 0, data_axis, 0)))
 
 
 def fit(loss_fn: Callable, opt: str | Callable, params: PyTree, hp: dict, data: PyTree,
         idx: np.ndarray, *, data_per_run: bool = False, log_every: int = 0,
-        measure: Callable | None = None, measure_every: int = 0):
+        measure: Callable | None = None, measure_every: int = 0,
+        objective_of: Callable | None = None):
   """Trains ``R`` models at once: ``params`` and every ``hp`` value and ``idx`` carry a
   leading axis of length R (seeds x settings; scalars in ``hp`` are broadcast);
   ``data`` is shared unless ``data_per_run``. One compile per (loss, optimizer,
-  measurement, shapes). Returns what :func:`train_scan` returns, stacked."""
+  measurement, shapes). ``objective_of``: as in :func:`train_scan` (needed by the
+  Functional-SAM optimizers). Returns what :func:`train_scan` returns, stacked."""
   make_opt = OPTIMIZERS[opt] if isinstance(opt, str) else opt
   r = len(idx)
   hp = {k: jnp.broadcast_to(jnp.asarray(v, jnp.float32), (r,)) for k, v in hp.items()}
   f = _compiled_fit(loss_fn, make_opt, 0 if data_per_run else None, log_every, measure,
-                    measure_every)
+                    measure_every, objective_of)
   return f(params, hp, data, jnp.asarray(idx))
 
 
@@ -435,20 +462,22 @@ def unstack(tree: PyTree, i: int) -> PyTree:
 
 
 def repetition_sweep(loss_fn: Callable, params0: PyTree, pool: PyTree, *, steps: int, batch: int,
-                     epochs: Sequence[int], seeds: Sequence[int], runs: dict, evaluate: Callable
-                     ) -> dict:
+                     epochs: Sequence[int], seeds: Sequence[int], runs: dict, evaluate: Callable,
+                     objective_of: Callable | None = None) -> dict:
   """Fixed steps, varying repetition: for each E in ``epochs``, every run trains on the
   first ``steps * batch // E`` examples of ``pool`` (so E passes over them at full
   length). ``runs = {name: (optimizer, hp, step_fraction)}``; a fraction of 0.5
   gives a run of half the steps over the same examples (SAM at the base
-  optimizer's compute). Runs of one seed and E share the batch order. Returns
+  optimizer's compute). Runs of one seed and E share the batch order; ``objective_of``
+  goes to :func:`fit` (for Functional-SAM). Returns
   ``{name: {E: evaluate(params)}}`` (one value per seed)."""
   out = {name: {} for name in runs}
   for e in epochs:
     n = steps * batch // e
     idx = np.stack([batch_indices(np.random.default_rng([s, e]), n, steps, batch) for s in seeds])
     for name, (opt, hp, frac) in runs.items():
-      params, _ = fit(loss_fn, opt, params0, hp, pool, idx[:, : int(round(steps * frac))])
+      params, _ = fit(loss_fn, opt, params0, hp, pool, idx[:, : int(round(steps * frac))],
+                      objective_of=objective_of)
       out[name][e] = np.asarray(evaluate(params))
     print(f"  E={e} (n={n}): " + ", ".join(f"{k} {np.mean(v[e]):.3f}" for k, v in out.items()),
           flush=True)
