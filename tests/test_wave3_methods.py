@@ -10,7 +10,7 @@ import optax
 import pytest
 
 import sam_optax as so
-from helpers import make_data, mlp_apply, mlp_example_losses, mlp_init, mlp_loss
+from helpers import flat, make_data, mlp_apply, mlp_example_losses, mlp_init, mlp_loss, unflat
 from sam_optax._src.geometries.metric import PreconditionedState, monge, preconditioned
 from sam_optax._src.methods.functional import functional_sam
 from sam_optax._src.methods.late_phase import LatePhaseState, late_phase
@@ -22,19 +22,6 @@ RHO = 0.05
 def grad_np(params, batch):
   return [{k: np.asarray(v, np.float64) for k, v in layer.items()}
           for layer in jax.grad(mlp_loss)(params, batch)]
-
-
-def flat(tree):
-  return np.concatenate([np.asarray(x, np.float64).ravel() for x in jax.tree.leaves(tree)])
-
-
-def unflat(vec, like):
-  leaves, treedef = jax.tree.flatten(like)
-  out, i = [], 0
-  for x in leaves:
-    out.append(jnp.asarray(vec[i:i + x.size].reshape(x.shape), x.dtype))
-    i += x.size
-  return treedef.unflatten(out)
 
 
 def sam_point(params, batch, direction=None, rho=RHO):

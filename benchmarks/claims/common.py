@@ -327,21 +327,12 @@ def with_asam(base: Callable) -> Callable:
   return make
 
 
-def with_usam(base: Callable) -> Callable:
-  """``base`` wrapped in unnormalized SAM (epsilon = rho * g)."""
+def with_geometry(base: Callable, tag: str, geometry: Callable) -> Callable:
+  """``base`` after ``sharpness_aware`` with the perturbation ``geometry()``: ``"usam"`` with
+  ``unnormalized`` (epsilon = rho * g), ``"psam"`` with ``preconditioned``."""
   def make(hp, steps):
-    return optax.chain(so.sharpness_aware(hp["rho"], perturbation=so.unnormalized()),
-                       base(hp, steps))
-  make.__name__ = f"usam_{base.__name__}"
-  return make
-
-
-def with_psam(base: Callable) -> Callable:
-  """``base`` after preconditioned SAM (``sharpness_aware`` with ``preconditioned()``)."""
-  def make(hp, steps):
-    return optax.chain(so.sharpness_aware(hp["rho"], perturbation=so.preconditioned()),
-                       base(hp, steps))
-  make.__name__ = f"psam_{base.__name__}"
+    return optax.chain(so.sharpness_aware(hp["rho"], perturbation=geometry()), base(hp, steps))
+  make.__name__ = f"{tag}_{base.__name__}"
   return make
 
 
@@ -361,8 +352,8 @@ for _base in (gd_base, sgd_base, adamw_base, adamw_const):
   OPTIMIZERS[_name] = _base
   OPTIMIZERS[f"sam_{_name}"] = with_sam(_base)
   OPTIMIZERS[f"asam_{_name}"] = with_asam(_base)
-  OPTIMIZERS[f"usam_{_name}"] = with_usam(_base)
-  OPTIMIZERS[f"psam_{_name}"] = with_psam(_base)
+  OPTIMIZERS[f"usam_{_name}"] = with_geometry(_base, "usam", so.unnormalized)
+  OPTIMIZERS[f"psam_{_name}"] = with_geometry(_base, "psam", so.preconditioned)
   OPTIMIZERS[f"fsam_{_name}"] = with_fsam(_base)
   OPTIMIZERS[f"fpsam_{_name}"] = with_fsam(_base, preconditioned=True)
 
