@@ -72,10 +72,12 @@ def _f32(x: Any) -> jax.Array:
   return jnp.asarray(x).astype(jnp.float32)
 
 
-def _optional(x: Any) -> tuple[jax.Array, jax.Array]:
+def _optional(x: Any) -> tuple[jax.Array, Any]:
+  # the flag is a numpy constant: inside the step's own trace it stays concrete, so a
+  # `metrics()` call in the same jitted step can leave out what was not recorded
   if x is None:
-    return jnp.zeros([], jnp.float32), jnp.zeros([], jnp.int32)
-  return _f32(jnp.real(x)), jnp.ones([], jnp.int32)
+    return jnp.zeros([], jnp.float32), np.zeros([], np.int32)
+  return _f32(jnp.real(x)), np.ones([], np.int32)
 
 
 def record(g: Any, g_adv: Any, *, perturbation_norm: Any, clean_loss: Any = None,
@@ -118,12 +120,20 @@ def _array(x: Any) -> Any:
   return leaves[0] if len(leaves) == 1 else x
 
 
-def _present(flag: Any) -> bool:
-  """Whether an entry was recorded; inside ``jit`` (flag unknown) it counts as present."""
+def _present(flag: Any) -> bool | jax.Array:
+  """Whether an entry was recorded: a bool, or the traced flag where it is known only at
+  run time (a state read inside ``jit``, or one that went through ``lax.cond``)."""
   flag = _array(flag)
   if isinstance(flag, jax.core.Tracer):
-    return True
+    return flag != 0
   return bool(np.asarray(flag))
+
+
+def _where(present: bool | jax.Array, value: Any) -> Any:
+  """``value`` where recorded, NaN where a run-time flag says it was not."""
+  if isinstance(present, bool):
+    return _array(value)
+  return jnp.where(present, _array(value), jnp.nan)
 
 
 def _concrete_flag(flag: Any) -> bool:
@@ -159,11 +169,13 @@ def metrics(opt_state: optax.OptState) -> dict[str, jax.Array]:
 
   Gated schedules report the norms and losses of the last step that ran the
   second pass. The first transformation found (outermost first) gives each
-  entry. Outside ``jit`` an entry that was not recorded is absent, and a
+  entry. An entry that was not recorded is absent: outside ``jit``, and inside
+  the jitted step that recorded it (the flags are trace-time constants there).
+  Where the flags are known only at run time (a state passed into a jitted
+  function, or one out of a ``lax.cond`` of the gated schedules) the optional
+  entries are present and read NaN when not recorded, never a plausible 0. A
   recorded chain-order problem (:class:`Telemetry`'s ``misordered``) raises a
-  ``UserWarning`` that says how to fix the chain; inside ``jit`` (where the
-  flags are not known while tracing) the optional entries are present and read
-  0 until a step records them.
+  ``UserWarning`` outside ``jit`` that says how to fix the chain.
 
   Args:
     opt_state: any optimizer state.
@@ -200,12 +212,13 @@ def metrics(opt_state: optax.OptState) -> dict[str, jax.Array]:
       if node.cosine is not None:
         put("cosine", node.cosine)
       clean, pert = _present(node.has_clean_loss), _present(node.has_perturbed_loss)
-      if clean:
-        put("clean_loss", node.clean_loss)
-      if pert:
-        put("perturbed_loss", node.perturbed_loss)
-      if clean and pert:
-        put("sharpness", _array(node.perturbed_loss) - _array(node.clean_loss))
+      if clean is not False:
+        put("clean_loss", _where(clean, node.clean_loss))
+      if pert is not False:
+        put("perturbed_loss", _where(pert, node.perturbed_loss))
+      if clean is not False and pert is not False:
+        both = clean if pert is True else pert if clean is True else clean & pert
+        put("sharpness", _where(both, _array(node.perturbed_loss) - _array(node.clean_loss)))
       if _concrete_flag(node.misordered):
         misordered.append(True)
       return
