@@ -15,7 +15,7 @@ transformation:
 
 :func:`make_linen_train_step` serves any ``tx``; SAF and MESA add their
 trajectory term through ``regularizer=`` (:func:`saf_regularizer`,
-:func:`mesa_regularizer`); the per-method builders are thin wrappers of it.
+:func:`mesa_regularizer`); the per-method builders are thin wrappers of it. NNX: :func:`nnx_objective_update`.
 """
 
 from __future__ import annotations
@@ -30,7 +30,8 @@ import optax
 from sam_optax import trajectory
 from sam_optax._src import tree as tu
 from sam_optax._src.engine import Objective
-from sam_optax._src.flax_nnx import nnx_grad_fn, nnx_sam_step, nnx_sam_update, nnx_value_and_grad_fn
+from sam_optax._src.flax_nnx import nnx_grad_fn, nnx_objective, nnx_objective_update  # noqa: F401
+from sam_optax._src.flax_nnx import nnx_sam_step, nnx_sam_update, nnx_value_and_grad_fn  # noqa: F401
 from sam_optax._src.methods.bayes import BayesianSAMState
 from sam_optax._src.methods.sampa import SAMPaState
 from sam_optax._src.telemetry import metrics as sam_metrics
@@ -44,8 +45,9 @@ except ImportError as e:  # pragma: no cover
 
 __all__ = ("Regularizer", "SAFTrainState", "TrainState", "make_linen_esam_train_step", "make_linen_eval_step",
            "make_linen_mesa_train_step", "make_linen_saf_train_step", "make_linen_sampa_train_step",
-           "make_linen_train_step", "mesa_regularizer", "nnx_grad_fn", "nnx_sam_step", "nnx_sam_update",
-           "nnx_value_and_grad_fn", "per_example_cross_entropy", "saf_regularizer", "softmax_cross_entropy")
+           "make_linen_train_step", "mesa_regularizer", "nnx_grad_fn", "nnx_objective", "nnx_objective_update",
+           "nnx_sam_step", "nnx_sam_update", "nnx_value_and_grad_fn", "per_example_cross_entropy",
+           "saf_regularizer", "softmax_cross_entropy")
 
 
 class TrainState(train_state.TrainState):
@@ -439,8 +441,7 @@ def make_linen_sampa_train_step(loss_fn: Callable = softmax_cross_entropy, *, tr
 
 def make_linen_esam_train_step(example_loss_fn: Callable = per_example_cross_entropy, *, train_kwarg: str = "train",
                                subset: bool = True, jit: bool = True) -> Callable:
-  """:func:`make_linen_train_step` with ``subset=True`` by default: ESAM's second pass runs on
-  the gathered subset (its saving; see ``subset`` there for dropout and BatchNorm).
+  """:func:`make_linen_train_step` with ``subset=True``: ESAM's second pass on the subset (its saving).
 
   Example:
     >>> from sam_optax import flax_training as ft
@@ -452,8 +453,7 @@ def make_linen_esam_train_step(example_loss_fn: Callable = per_example_cross_ent
 def make_linen_saf_train_step(loss_fn: Callable = softmax_cross_entropy, *, steps_per_epoch: int,
                               weight: float = 0.3, temperature: float = 5.0, start_epoch: int = 5,
                               end_epoch: int | None = None, train_kwarg: str = "train", jit: bool = True) -> Callable:
-  """:func:`make_linen_train_step` with :func:`saf_regularizer`, for a :class:`SAFTrainState`
-  and batches ``(x, y, indices)``.
+  """:func:`make_linen_train_step` with :func:`saf_regularizer` (a :class:`SAFTrainState`, batches ``(x, y, i)``).
 
   Example:
     >>> import flax.linen as nn, jax, jax.numpy as jnp, optax

@@ -7,7 +7,9 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 
+from sam_optax._src.engine import Objective
 from sam_optax._src.telemetry import metrics
 
 
@@ -140,3 +142,77 @@ def nnx_sam_step(model: Any, optimizer: Any, loss_fn: Callable[..., jax.Array], 
   """
   loss = nnx_sam_update(model, optimizer, loss_fn, *args, **kwargs)
   return {"loss": loss, **metrics(optimizer.opt_state)}
+
+
+def nnx_objective(graphdef: Any, rest: Any, forward: Callable[[Any, Any], Any],
+                  example_loss_fn: Callable[[Any, Any], jax.Array], batch: Any) -> Objective:
+  r"""The :class:`sam_optax.Objective` of an NNX model, for the methods that need model
+  outputs or per-example losses (ESAM, Functional-SAM).
+
+  .. math:: F(w) = \mathrm{forward}(\mathrm{merge}(w), \mathrm{batch}), \qquad
+            \ell_i = \mathrm{example\_loss\_fn}(F(w), \mathrm{batch})_i
+
+  ``forward(model, batch)`` gives the outputs (e.g. ``lambda m, b: m(b[0])``) and
+  ``example_loss_fn(outputs, batch)`` one loss per example. As for
+  :func:`nnx_grad_fn`, split the model before the clean pass; each evaluation
+  rebuilds a copy of the model from the snapshot of ``rest`` (the clean pass's
+  dropout masks; what a pass writes into BatchNorm statistics is dropped). A
+  subset (ESAM's) runs ``forward`` on the selected examples, so BatchNorm
+  normalizes with the subset's statistics there.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from flax import nnx
+    >>> from sam_optax.flax_training import nnx_objective
+    >>> model = nnx.Linear(2, 1, rngs=nnx.Rngs(0))
+    >>> graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    >>> batch = (jnp.ones((3, 2)), jnp.zeros((3, 1)))
+    >>> obj = nnx_objective(graphdef, rest, lambda m, b: m(b[0]),
+    ...                     lambda out, b: jnp.sum((out - b[1]) ** 2, -1), batch)
+    >>> bool(jnp.allclose(obj.example_losses(params), jnp.sum(model(batch[0]) ** 2, -1)))
+    True
+  """
+  from flax import nnx
+
+  rest = jax.tree.map(lambda a: a, rest)  # a snapshot, as in nnx_value_and_grad_fn
+  return Objective(lambda p, b: forward(nnx.merge(graphdef, p, rest, copy=True), b),
+                   example_loss_fn, batch)
+
+
+def nnx_objective_update(model: Any, optimizer: Any, forward: Callable[[Any, Any], Any],
+                         example_loss_fn: Callable[[Any, Any], jax.Array], batch: Any) -> jax.Array:
+  """:func:`nnx_sam_update` for every method, ESAM and Functional-SAM included: the clean
+  pass on ``batch`` and ``optimizer.update(model, grads, objective=..., value_and_grad_fn=...,
+  value=loss)`` (the closures of :func:`nnx_objective`). Call inside ``nnx.jit``; returns the
+  clean loss, the mean of ``example_loss_fn(forward(model, batch), batch)``.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, optax, sam_optax
+    >>> from flax import nnx
+    >>> from sam_optax.flax_training import nnx_objective_update
+    >>> model = nnx.Linear(4, 3, rngs=nnx.Rngs(0))
+    >>> tx = optax.chain(sam_optax.esam(0.05, gamma=0.5), optax.sgd(0.1))
+    >>> optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
+    >>> forward = lambda m, b: m(b[0])
+    >>> ce = lambda out, b: optax.softmax_cross_entropy_with_integer_labels(out, b[1])
+    >>> @nnx.jit
+    ... def train_step(model, optimizer, x, y):
+    ...   return nnx_objective_update(model, optimizer, forward, ce, (x, y))
+    >>> x = jax.random.normal(jax.random.key(1), (32, 4)); y = jnp.argmax(x[:, :3], -1)
+    >>> losses = [float(train_step(model, optimizer, x, y)) for _ in range(20)]
+    >>> losses[-1] < losses[0]
+    True
+  """
+  from flax import nnx
+
+  wrt = getattr(optimizer, "wrt", nnx.Param)
+  graphdef, _, rest = nnx.split(model, wrt, ...)  # before the clean pass: its dropout masks
+  objective = nnx_objective(graphdef, rest, forward, example_loss_fn, batch)
+
+  def clean(m):
+    return jnp.mean(example_loss_fn(forward(m, batch), batch).astype(jnp.float32))
+
+  loss, grads = nnx.value_and_grad(clean, argnums=nnx.DiffState(0, wrt))(model)
+  optimizer.update(model, grads, objective=objective,
+                   value_and_grad_fn=jax.value_and_grad(objective.loss), value=loss)
+  return loss
