@@ -265,3 +265,66 @@ def test_nnx_step_trains_what_the_optimizer_is_built_for():
     np.testing.assert_array_equal(a, b)
   assert any(not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(before[1]),
                                                        jax.tree.leaves(nnx.state(model, nnx.LoRAParam))))
+
+
+def test_metrics_inside_jit_omit_what_was_not_recorded():
+  # e828a15: inside jit `metrics()` read `clean_loss`, `perturbed_loss` and
+  # `sharpness` as 0 when the step was given no loss (a plausible but wrong 0).
+  loss = lambda w: jnp.sum(w ** 4)
+  w = jnp.array([1.0, -2.0])
+  tx = so.sam(optax.sgd(0.1), 0.05)
+
+  @jax.jit
+  def bare(w, state):
+    _, state = tx.update(jax.grad(loss)(w), state, w, grad_fn=jax.grad(loss))
+    return so.metrics(state)
+
+  @jax.jit
+  def full(w, state):
+    value, g = jax.value_and_grad(loss)(w)
+    _, state = tx.update(g, state, w, value=value, value_and_grad_fn=jax.value_and_grad(loss))
+    return so.metrics(state)
+
+  m = bare(w, tx.init(w))
+  assert not {"clean_loss", "perturbed_loss", "sharpness"} & set(m)
+  m = full(w, tx.init(w))
+  g = jax.grad(loss)(w)
+  by_hand = loss(w + 0.05 * g / jnp.linalg.norm(g)) - loss(w)
+  np.testing.assert_allclose(m["sharpness"], by_hand, rtol=1e-6)
+  # where the flag is only known at run time (a state read inside jit), an entry that
+  # was not recorded reads NaN, never a number that could pass for a measurement
+  state = tx.init(w)
+  _, state = tx.update(g, state, w, grad_fn=jax.grad(loss))
+  m = jax.jit(so.metrics)(state)
+  assert np.isnan(m["sharpness"]) and np.isnan(m["clean_loss"])
+  assert np.isfinite(m["perturbed_grad_norm"])
+
+
+@pytest.mark.parametrize("method", ["esam", "functional_sam"])
+def test_nnx_objective_update_matches_the_same_method_on_plain_functions(method):
+  # e828a15 had no NNX route for the methods that need per-example losses or outputs
+  from flax import nnx
+
+  make = {"esam": lambda: so.esam(0.1, gamma=0.5), "functional_sam": lambda: so.functional_sam(0.1)}[method]
+  model = nnx.Linear(4, 3, rngs=nnx.Rngs(0))
+  x = jax.random.normal(jax.random.key(1), (16, 4))
+  y = jnp.argmax(x[:, :3] + 0.3 * x[:, 3:], -1)
+  ce = lambda out, b: optax.softmax_cross_entropy_with_integer_labels(out, b[1])
+  w = {"bias": jnp.array(model.bias[...]), "kernel": jnp.array(model.kernel[...])}
+
+  opt = nnx.Optimizer(model, optax.chain(make(), optax.sgd(0.5)), wrt=nnx.Param)
+  step = nnx.jit(ft.nnx_objective_update, static_argnums=(2, 3))
+  for _ in range(3):
+    step(model, opt, lambda m, b: m(b[0]), ce, (x, y))
+
+  # the same transformation on a hand-written linear model
+  tx = optax.chain(make(), optax.sgd(0.5))
+  obj = so.Objective(lambda p, b: b[0] @ p["kernel"] + p["bias"], ce, (x, y))
+  state = tx.init(w)
+  for _ in range(3):
+    value, g = jax.value_and_grad(obj.loss)(w)
+    u, state = tx.update(g, state, w, objective=obj, value=value,
+                         value_and_grad_fn=jax.value_and_grad(obj.loss))
+    w = optax.apply_updates(w, u)
+  np.testing.assert_allclose(model.kernel[...], w["kernel"], rtol=2e-5, atol=1e-6)
+  np.testing.assert_allclose(model.bias[...], w["bias"], rtol=2e-5, atol=1e-6)
