@@ -30,6 +30,7 @@ extensions = [
     "myst_nb",
     "sphinx-mathjax-offline",  # serves MathJax from _static: formulas render offline, no CDN
     "api_pages",  # the API pages, written from each module's __all__
+    "api_links",  # inline code naming a public object links to its page
 ]
 
 # The notebooks are rendered with the outputs stored in them; `tests/test_notebooks.py`
