@@ -147,8 +147,15 @@ def mnist_images():
   return x_tr[..., 0], y_tr, x_te[..., 0], y_te
 
 
+def fashion_images():
+  """Fashion-MNIST as images (N, 28, 28) in [0, 1], the standard 60,000 / 10,000 split
+  (Debian's ``dataset-fashion-mnist``; see ``sam_optax.datasets.load_fashion_mnist``)."""
+  x_tr, y_tr, x_te, y_te = datasets.load_fashion_mnist()
+  return x_tr[..., 0], y_tr, x_te[..., 0], y_te
+
+
 def load_images(name: str):
-  return {"digits": digits_images, "mnist5k": mnist_images}[name]()
+  return {"digits": digits_images, "mnist5k": mnist_images, "fashion_mnist": fashion_images}[name]()
 
 
 def flat(x: np.ndarray) -> np.ndarray:

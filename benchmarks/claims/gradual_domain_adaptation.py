@@ -13,7 +13,7 @@ directly on the target (direct). MLP 784-256-256-10; AdamW (lr 1e-3, weight
 decay 1e-4, cosine within each stage, batch 128) against SAM(AdamW) at rho 0.05
 (GOAT's value) and 0.2, on the same seeds. T in {1, 3, 7, 14}.
 
-Changed from CLAIMS.md: every domain reuses the same 2,000 unlabelled images with
+Changed from the planned protocol: every domain reuses the same 2,000 unlabelled images with
 fresh rotations (5,000 images cannot give 15 disjoint domains), an MLP instead of
 Kumar et al.'s convnet (XLA:CPU budget), and 10 epochs per stage instead of 25.
 

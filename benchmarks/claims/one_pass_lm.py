@@ -25,7 +25,7 @@ pass; they make no equal-compute claim, so the equal-compute tests ask whether
 the fix pays for its second pass. These tests are secondary: the claim is about
 SAM.
 
-Changed from CLAIMS.md: an MLP LM rather than a transformer, and E in {1, 8, 64}
+Changed from the planned protocol: an MLP LM rather than a transformer, and E in {1, 8, 64}
 (not up to 500: at 500 passes the pool would be 300 windows), to fit the CPU.
 
 python -m benchmarks.claims.one_pass_lm [--quick] [--out DIR]

@@ -35,7 +35,7 @@ from sam_optax import sharpness
 NAME = "one_step_degrades"
 CLAIM = ("The accuracy of the single gradient step approximation for finding the worst-case "
          "perturbation may also decrease during the training process.")
-PUBLISHED = ("No single source pinned down (CLAIMS.md). Related: Eigen-SAM (Luo et al., NeurIPS 2024, "
+PUBLISHED = ("No single source pinned down. Related: Eigen-SAM (Luo et al., NeurIPS 2024, "
              "arXiv 2501.12666): SAM's alignment with the top Hessian eigenvector is inadequate in "
              "practice; Kim et al. 2023 (arXiv 2302.10181): single- and multi-step ascent reach "
              "different solutions. Second-order reasoning: s1/s* -> g^T H g / (|g|^2 lambda_max) < 1 "
