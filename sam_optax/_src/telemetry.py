@@ -130,10 +130,10 @@ def _present(flag: Any) -> bool | jax.Array:
 
 
 def _where(present: bool | jax.Array, value: Any) -> Any:
-  """``value`` where recorded, NaN where a run-time flag says it was not."""
-  if isinstance(present, bool):
-    return _array(value)
-  return jnp.where(present, _array(value), jnp.nan)
+  """``value`` where recorded; where only a run-time flag knows, the stored value (0 until a
+  step records it: a NaN there would break every finite-metrics check of a training loop)."""
+  del present
+  return _array(value)
 
 
 def _concrete_flag(flag: Any) -> bool:
@@ -173,7 +173,7 @@ def metrics(opt_state: optax.OptState) -> dict[str, jax.Array]:
   the jitted step that recorded it (the flags are trace-time constants there).
   Where the flags are known only at run time (a state passed into a jitted
   function, or one out of a ``lax.cond`` of the gated schedules) the optional
-  entries are present and read NaN when not recorded, never a plausible 0. A
+  entries are present and read 0 until a step records them. A
   recorded chain-order problem (:class:`Telemetry`'s ``misordered``) raises a
   ``UserWarning`` outside ``jit`` that says how to fix the chain.
 
