@@ -44,18 +44,26 @@ def _sgd(steps):
   return optax.sgd(optax.cosine_decay_schedule(0.05, steps), momentum=0.9)
 
 
-def _loss(state, x, y):
+def _loss(state, x, y, batch_stats=None):
+  stats = state.batch_stats if batch_stats is None else batch_stats
+
   def loss_fn(p):
-    v = {"params": p, "batch_stats": state.batch_stats}
+    v = {"params": p, "batch_stats": stats}
     return ft.softmax_cross_entropy(state.apply_fn(v, x, train=False), y)
   return loss_fn
 
 
-def _unit_kernels(params):
-  out = dict(params)
-  for k in BN_KERNELS:
-    out[k] = {**params[k], "kernel": params[k]["kernel"] / jnp.linalg.norm(params[k]["kernel"])}
-  return out
+def _unit_kernels(params, batch_stats):
+  """The same function with each BN-fed layer's kernel at unit norm: kernel and bias scaled by
+  c = 1/||kernel||, the BatchNorm's running mean by c and its running variance by c^2 (exact up
+  to BatchNorm's epsilon)."""
+  p, bs = dict(params), dict(batch_stats)
+  for i, k in enumerate(BN_KERNELS):
+    c = 1.0 / jnp.linalg.norm(params[k]["kernel"])
+    p[k] = {name: c * v for name, v in params[k].items()}
+    stats = batch_stats[f"BatchNorm_{i}"]
+    bs[f"BatchNorm_{i}"] = {"mean": c * stats["mean"], "var": c * c * stats["var"]}
+  return p, bs
 
 
 def lambda_max(epochs: int, seeds: int) -> None:
@@ -66,30 +74,31 @@ def lambda_max(epochs: int, seeds: int) -> None:
   txs = {"sgd": lambda: _sgd(n), "sam": lambda: so.sam(_sgd(n), 0.05)}
   print(f"\n## lambda_max: MNIST-5k, 40% noise, demo CNN (relu head), {epochs} epochs\n")
   print("| optimizer | seed | final test acc | λ_max | adaptive sharpness (ρ=0.1) | L2 max-sharpness "
-        "(ρ=0.05) | ‖w‖ of the BN-fed kernels | λ_max, those kernels at unit norm |")
+        "(ρ=0.05) | ‖w‖ of the BN-fed kernels | the same, those kernels at unit norm: λ_max / "
+        "adaptive / L2 |")
   print("|---|---|---|---|---|---|---|---|")
   for seed in range(seeds):
     for name, tx in txs.items():
       run = demo.train_one(demo.make_model("cnn", head="relu"), tx, data, epochs=epochs, batch_size=64, seed=seed,
                            with_sharpness=False, log=lambda *_: None)
       state = run.state
-      loss_fn = _loss(state, x, y)
       p = state.params
-      unit = _unit_kernels(p)
-      same = abs(float(loss_fn(unit)) - float(loss_fn(p)))
+      unit, unit_stats = _unit_kernels(p, state.batch_stats)
+      same = abs(float(_loss(state, x, y, unit_stats)(unit)) - float(_loss(state, x, y)(p)))
 
-      @jax.jit
-      def measure(p):
+      def measure(p, stats):
+        loss_fn = _loss(state, x, y, stats)
         lam, _ = sharpness.hessian_top_eigenvalue(loss_fn, p, num_iters=20, unroll=True)
         ada = sharpness.max_sharpness(loss_fn, p, 0.1, perturbation=so.adaptive(), steps=5, unroll=True)
         l2 = sharpness.max_sharpness(loss_fn, p, 0.05, steps=5, unroll=True)
         return lam, ada, l2
 
-      lam, ada, l2 = (float(v) for v in measure(p))
-      lam_unit = float(measure(unit)[0])
+      measure = jax.jit(measure)
+      lam, ada, l2 = (float(v) for v in measure(p, state.batch_stats))
+      lam_u, ada_u, l2_u = (float(v) for v in measure(unit, unit_stats))
       norms = "/".join(f"{float(jnp.linalg.norm(p[k]['kernel'])):.2f}" for k in BN_KERNELS)
       print(f"| {name} | {seed} | {100 * run.accs[-1]:.2f} | {lam:.2f} | {ada:.4f} | {l2:.4f} | {norms} | "
-            f"{lam_unit:.1f} (loss moved {same:.1e}) |", flush=True)
+            f"{lam_u:.2f} / {ada_u:.4f} / {l2_u:.4f} (loss moved {same:.1e}) |", flush=True)
 
 
 def looksam(epochs: int, seeds: int) -> None:
