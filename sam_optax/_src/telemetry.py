@@ -120,20 +120,13 @@ def _array(x: Any) -> Any:
   return leaves[0] if len(leaves) == 1 else x
 
 
-def _present(flag: Any) -> bool | jax.Array:
-  """Whether an entry was recorded: a bool, or the traced flag where it is known only at
-  run time (a state read inside ``jit``, or one that went through ``lax.cond``)."""
+def _present(flag: Any) -> bool:
+  """Whether an entry was recorded; where only a run-time flag knows (a state passed into
+  ``jit``, one out of a gated ``lax.cond``) it counts as present and reads the stored value."""
   flag = _array(flag)
   if isinstance(flag, jax.core.Tracer):
-    return flag != 0
+    return True
   return bool(np.asarray(flag))
-
-
-def _where(present: bool | jax.Array, value: Any) -> Any:
-  """``value`` where recorded; where only a run-time flag knows, the stored value (0 until a
-  step records it: a NaN there would break every finite-metrics check of a training loop)."""
-  del present
-  return _array(value)
 
 
 def _concrete_flag(flag: Any) -> bool:
@@ -212,13 +205,12 @@ def metrics(opt_state: optax.OptState) -> dict[str, jax.Array]:
       if node.cosine is not None:
         put("cosine", node.cosine)
       clean, pert = _present(node.has_clean_loss), _present(node.has_perturbed_loss)
-      if clean is not False:
-        put("clean_loss", _where(clean, node.clean_loss))
-      if pert is not False:
-        put("perturbed_loss", _where(pert, node.perturbed_loss))
-      if clean is not False and pert is not False:
-        both = clean if pert is True else pert if clean is True else clean & pert
-        put("sharpness", _where(both, _array(node.perturbed_loss) - _array(node.clean_loss)))
+      if clean:
+        put("clean_loss", node.clean_loss)
+      if pert:
+        put("perturbed_loss", node.perturbed_loss)
+      if clean and pert:
+        put("sharpness", _array(node.perturbed_loss) - _array(node.clean_loss))
       if _concrete_flag(node.misordered):
         misordered.append(True)
       return
