@@ -1,12 +1,19 @@
-"""Bit-for-bit golden test: every public transformation and Flax train step against commit e828a15.
+"""Bit-for-bit golden test: every public transformation and Flax train step against the
+commits before the last two refactors.
 
 ``golden/golden.npz`` holds what the code at e828a15 computed for each row of
-``golden/make_golden.py`` (every row of test_contract.py's table, extra paths, the linen
-and NNX train steps): per step the updates, the new params, every optimizer-state leaf
-(keyed by its ``jax.tree_util.keystr`` path) and ``sam_optax.metrics``. This test recomputes
-each row with the ``sam_optax`` that is importable and requires the same bits and dtypes.
+``golden/make_golden.py``'s ``ROWS`` and ``FLAX_ROWS`` (the contract table of that time,
+extra paths, the linen and NNX train steps), and ``golden/golden_ddf7af2.npz`` what the code
+at ddf7af2 computed for ``ROWS_DDF7AF2`` and ``FLAX_ROWS_DDF7AF2`` (the methods added
+since, the objective closure, more Flax steps): per step the updates, the new params, every
+optimizer-state leaf (keyed by its ``jax.tree_util.keystr`` path) and ``sam_optax.metrics``.
+This test recomputes each row with the ``sam_optax`` that is importable and requires the
+same bits and dtypes.
 
-A deliberate change goes through the tables below, never through regenerating the golden:
+A deliberate change goes through the tables below, never through regenerating the golden.
+There is one set of tables per refactor: ``CHANGES["e828a15"]`` (the one engine) and
+``CHANGES["ddf7af2"]`` (the explicit protocol); a golden row sees the tables of every refactor
+since its commit (the rows recorded at e828a15 both, those recorded at ddf7af2 the second):
 
 * ``STATE_PATH_CHANGES``: a state leaf renamed or moved (old keystr regex -> new keystr),
   or removed on purpose (-> ``None``, with the reason in a comment on the entry);
@@ -66,7 +73,7 @@ _COSINE_FREE = (r"(gsam|looksam.*|gradient_norm_penalty|sampa.*|bsam|frob_sam|de
                 r"|linen_sampa)")
 _NO_COSINE = r"(?!" + _COSINE_FREE + r"$).*"
 _ENGINE_ROWS = r"(gsam|looksam|looksam_k3|looksam_grad_fn|gradient_norm_penalty|linen_gsam|linen_looksam)"
-STATE_PATH_CHANGES: dict[str | tuple[str, str], str | None] = {
+_STATE_PATH_CHANGES_E828: dict[str | tuple[str, str], str | None] = {
     # GSAM, PGN and LookSAM are declarations on the engine, no longer wrappers of the
     # core: the core's fields (perturbation_state, telemetry) sit in their own state.
     # LookSAM's inner count (the number of SAM steps, which its rho schedule read) is
@@ -80,7 +87,7 @@ STATE_PATH_CHANGES: dict[str | tuple[str, str], str | None] = {
 
 # Regexes (matched in full) of new state keystrs with no golden counterpart, e.g.
 #   r"\[0\]\.telemetry\.new_field",
-NEW_STATE_LEAVES: list[str] = [
+_NEW_STATE_LEAVES_E828: list[str] = [
     # whether the cosine was recorded; the chain-order flag, read on the host by
     # sam_optax.metrics (the check used to call back to the host from the step)
     r".*telemetry\.misordered",
@@ -88,7 +95,7 @@ NEW_STATE_LEAVES: list[str] = [
 ]
 
 # Regexes (matched in full) of metric names reported now that the golden does not have.
-NEW_METRICS: list[str] = [
+_NEW_METRICS_E828: list[str] = [
     # the ESAM, SAMPa, SAF and MESA steps are the one linen step now: they report what the
     # optimizer recorded (sam_optax.metrics), as the SAM step always did
     r"clean_grad_norm|clean_loss|perturbation_norm|perturbed_grad_norm|perturbed_loss|sharpness|cosine",
@@ -99,7 +106,7 @@ NEW_METRICS: list[str] = [
 # matched in full. A listed value may differ (value, shape and dtype); the key must still
 # exist, except a metric, which a listed change may drop.
 #   ("esam.*", r"step\d+/metrics/clean_loss"): "the clean loss is now the mean of ...",
-INTENDED_CHANGES: dict[tuple[str, str], str] = {
+_INTENDED_CHANGES_E828: dict[tuple[str, str], str] = {
     (_NO_COSINE, r"(init|step\d+)/metrics/cosine"): "cosine recorded only where free (issue 19, memory)",
     # 1 ULP (1.024694 -> 1.024693) in the loss recorded at x~ on SAMPa's first linen step: the
     # one linen step's program (clean forward, then the vmapped pair) fuses differently in
@@ -112,33 +119,66 @@ INTENDED_CHANGES: dict[tuple[str, str], str] = {
             r"|metrics/perturbation_norm)"): "||eps|| in closed form for L2 (issue 19, memory), <= 1 ULP",
 }
 
+# The explicit protocol (issue 25): nothing changed yet.
+_STATE_PATH_CHANGES_DDF: dict[str | tuple[str, str], str | None] = {}
+_NEW_STATE_LEAVES_DDF: list[str] = []
+_NEW_METRICS_DDF: list[str] = []
+_INTENDED_CHANGES_DDF: dict[tuple[str, str], str] = {}
+
+CHANGES = {
+    "e828a15": (_STATE_PATH_CHANGES_E828, _NEW_STATE_LEAVES_E828, _NEW_METRICS_E828,
+                _INTENDED_CHANGES_E828),
+    "ddf7af2": (_STATE_PATH_CHANGES_DDF, _NEW_STATE_LEAVES_DDF, _NEW_METRICS_DDF,
+                _INTENDED_CHANGES_DDF),
+}
+_ORDER = ("e828a15", "ddf7af2")   # the refactors, oldest first
+
+
+def _tables(row: str) -> tuple[dict, list, list, dict]:
+  """The change tables a row sees: those of every refactor since its golden's commit. A
+  renamed leaf is renamed again by a later table (the tables compose in order)."""
+  since = _ORDER[_ORDER.index(_COMMIT_OF[row]):]
+  paths = [CHANGES[c][0] for c in since]
+  leaves = [p for c in since for p in CHANGES[c][1]]
+  metrics = [p for c in since for p in CHANGES[c][2]]
+  intended = {k: v for c in since for k, v in CHANGES[c][3].items()}
+  return paths, leaves, metrics, intended
+
+
 # --------------------------------------------------------------------------- loading
 
-_GOLDEN = np.load(mg.GOLDEN_PATH)
+_GOLDENS = {commit: np.load(path) for commit, (path, _) in mg.GOLDENS.items()}
+_COMMIT_OF = {row: commit for commit, (_, rows) in mg.GOLDENS.items() for row in rows}
+_ALL_ROWS = tuple(_COMMIT_OF)
 _KEY = re.compile(r"(init|step\d+)/(updates|params|batch_stats|state|metrics/)(.*)", re.S)
-_FLAX_ROWS = set(mg.FLAX_ROWS)
+
+
+def _is_flax(row: str) -> bool:
+  return row.startswith(("linen_", "nnx_"))
 
 
 def _golden_row(row: str) -> dict[str, np.ndarray]:
+  golden = _GOLDENS[_COMMIT_OF[row]]
   prefix = row + "/"
-  return {k[len(prefix):]: _GOLDEN[k] for k in _GOLDEN.files if k.startswith(prefix)}
+  return {k[len(prefix):]: golden[k] for k in golden.files if k.startswith(prefix)}
 
 
 def _version_mismatch(row: str) -> str | None:
   if os.environ.get("SAM_OPTAX_GOLDEN_STRICT") == "1":
     return None
-  packages = ["jax", "jaxlib", "optax"] + (["flax"] if row in _FLAX_ROWS else [])
+  golden = _GOLDENS[_COMMIT_OF[row]]
+  packages = ["jax", "jaxlib", "optax"] + (["flax"] if _is_flax(row) else [])
   diffs = []
   for pkg in packages:
-    recorded = str(_GOLDEN[f"__meta__/{pkg}"])
+    recorded = str(golden[f"__meta__/{pkg}"])
     try:
       now = importlib.metadata.version(pkg)
     except importlib.metadata.PackageNotFoundError:
       now = "absent"
     if now != recorded:
       diffs.append(f"{pkg} {now} (golden: {recorded})")
-  if platform.machine() != str(_GOLDEN["__meta__/machine"]):
-    diffs.append(f"machine {platform.machine()} (golden: {_GOLDEN['__meta__/machine']})")
+  if platform.machine() != str(golden["__meta__/machine"]):
+    diffs.append(f"machine {platform.machine()} (golden: {golden['__meta__/machine']})")
   return "; ".join(diffs) or None
 
 
@@ -146,19 +186,26 @@ def _version_mismatch(row: str) -> str | None:
 
 
 def _rename_state(row: str, path: str) -> tuple[bool, str | None]:
-  """(matched, new path or None if removed) for an old state keystr."""
-  for pattern, target in STATE_PATH_CHANGES.items():
-    row_re, path_re = pattern if isinstance(pattern, tuple) else (".*", pattern)
-    if not re.fullmatch(row_re, row):
-      continue
-    m = re.fullmatch(path_re, path)
-    if m:
-      return True, (None if target is None else m.expand(target))
-  return False, path
+  """(matched, new path or None if removed) for an old state keystr, through every table
+  the row sees, in order."""
+  matched_any = False
+  for table in _tables(row)[0]:
+    for pattern, target in table.items():
+      row_re, path_re = pattern if isinstance(pattern, tuple) else (".*", pattern)
+      if not re.fullmatch(row_re, row):
+        continue
+      m = re.fullmatch(path_re, path)
+      if m:
+        matched_any = True
+        if target is None:
+          return True, None
+        path = m.expand(target)
+        break
+  return matched_any, path
 
 
 def _intended(row: str, key: str) -> str | None:
-  for (row_re, key_re), reason in INTENDED_CHANGES.items():
+  for (row_re, key_re), reason in _tables(row)[3].items():
     if re.fullmatch(row_re, row) and re.fullmatch(key_re, key):
       return reason
   return None
@@ -206,9 +253,10 @@ def compare(row: str, golden: dict[str, np.ndarray], new: dict[str, np.ndarray])
   for key in sorted(set(new) - expected_new):
     m = _KEY.fullmatch(key)
     section, kind, path = m.groups() if m else (None, None, key)
-    if kind == "state" and any(re.fullmatch(p, path) for p in NEW_STATE_LEAVES):
+    _, new_leaves, new_metrics, _ = _tables(row)
+    if kind == "state" and any(re.fullmatch(p, path) for p in new_leaves):
       continue
-    if kind == "metrics/" and any(re.fullmatch(p, path) for p in NEW_METRICS):
+    if kind == "metrics/" and any(re.fullmatch(p, path) for p in new_metrics):
       continue
     failures.append(f"unexpected (not in the golden): {key}")
   return failures
@@ -217,28 +265,33 @@ def compare(row: str, golden: dict[str, np.ndarray], new: dict[str, np.ndarray])
 # ----------------------------------------------------------------------------- tests
 
 
-def test_golden_rows_match_the_table():
-  """The golden was made from this table: no row without a golden, no golden without a row."""
-  assert list(map(str, _GOLDEN["__meta__/rows"])) == list(mg.ALL_ROWS)
-  rows_in_keys = {k.split("/", 1)[0] for k in _GOLDEN.files if not k.startswith("__meta__/")}
-  assert rows_in_keys == set(mg.ALL_ROWS)
+@pytest.mark.parametrize("commit", sorted(mg.GOLDENS))
+def test_golden_rows_match_the_table(commit):
+  """Each golden was made from its table: no row without a golden, no golden without a row."""
+  golden, (_, rows) = _GOLDENS[commit], mg.GOLDENS[commit]
+  assert str(golden["__meta__/commit"]) == commit
+  assert list(map(str, golden["__meta__/rows"])) == list(rows)
+  rows_in_keys = {k.split("/", 1)[0] for k in golden.files if not k.startswith("__meta__/")}
+  assert rows_in_keys == set(rows)
 
 
 def test_change_tables_are_well_formed():
-  for pattern, target in STATE_PATH_CHANGES.items():
-    for p in pattern if isinstance(pattern, tuple) else (pattern,):
+  assert set(CHANGES) == set(mg.GOLDENS) == set(_ORDER)
+  for paths, leaves, metrics, intended in CHANGES.values():
+    for pattern, target in paths.items():
+      for p in pattern if isinstance(pattern, tuple) else (pattern,):
+        re.compile(p)
+      assert target is None or isinstance(target, str)
+    for p in leaves + metrics:
       re.compile(p)
-    assert target is None or isinstance(target, str)
-  for p in NEW_STATE_LEAVES + NEW_METRICS:
-    re.compile(p)
-  for (row_re, key_re), reason in INTENDED_CHANGES.items():
-    re.compile(row_re), re.compile(key_re)
-    assert isinstance(reason, str) and reason.strip(), "every intended change needs its reason"
+    for (row_re, key_re), reason in intended.items():
+      re.compile(row_re), re.compile(key_re)
+      assert isinstance(reason, str) and reason.strip(), "every intended change needs its reason"
 
 
-@pytest.mark.parametrize("row", mg.ALL_ROWS)
+@pytest.mark.parametrize("row", _ALL_ROWS)
 def test_golden(row):
-  if row in _FLAX_ROWS:
+  if _is_flax(row):
     pytest.importorskip("flax")
   mismatch = _version_mismatch(row)
   if mismatch:

@@ -1,10 +1,25 @@
 """Golden outputs of every public transformation and Flax train step, for bit-for-bit refactors.
 
-``golden.npz`` (next to this file) was written by running this script against commit
-e828a15 (a ``git worktree`` of it on ``PYTHONPATH``)::
+Two files, each written by running this script against one commit (a ``git worktree`` of
+it on ``PYTHONPATH``), before the refactor that the file guards:
+
+* ``golden.npz``: the rows of ``ROWS`` and ``FLAX_ROWS``, from commit e828a15 (before the
+  one engine)::
 
     git worktree add /tmp/golden_src e828a15
     PYTHONPATH=/tmp/golden_src .venv/bin/python tests/golden/make_golden.py   # prints sam_optax.__file__
+
+* ``golden_ddf7af2.npz``: the rows of ``ROWS_DDF7AF2`` and ``FLAX_ROWS_DDF7AF2`` (the
+  methods added after e828a15, the objective closure, the Flax steps of the methods that
+  need more than gradients), from commit ddf7af2 (before the explicit protocol)::
+
+    git worktree add /tmp/golden_ddf ddf7af2
+    PYTHONPATH=/tmp/golden_ddf .venv/bin/python tests/golden/make_golden.py ddf7af2
+
+The closures below are written with ``objective=`` (a ``sam_optax.Objective``); the rows
+recorded at e828a15 passed the same functions through ESAM's first keywords
+(``per_example_loss_fn=``, ``batch=``, ``example_losses=``), which the engine turned into
+exactly this objective, so the bits are the same.
 
 ``tests/test_golden.py`` imports this module, recomputes every row with whatever
 ``sam_optax`` is importable and compares the arrays bitwise. The problem definitions
@@ -114,6 +129,16 @@ N_STEPS = 4
 SGD = lambda: optax.sgd(0.05, momentum=0.9)
 
 
+def _current(name: str, earlier: str) -> Callable:
+  """A public function by its current name, or by the earlier one where it had that (the
+  generator also runs against the commits the goldens were made from)."""
+  return lambda *a, **k: getattr(so, name if name in so.__all__ else earlier)(*a, **k)
+
+
+ae_sam = _current("ae_sam", "adaptive_policy")
+skip_if_nonfinite = _current("skip_if_nonfinite", "apply_if_finite")
+
+
 def chained(make_transform: Callable[[], optax.GradientTransformation]) -> Callable:
   return lambda: optax.chain(make_transform(), SGD())
 
@@ -130,9 +155,12 @@ class Row:
   * ``"vg"``: ``value_and_grad_fn=`` and ``value=`` (the clean loss), so the telemetry
     records the losses; the transforms that take no closure ignore both;
   * ``"grad"``: ``grad_fn=`` only (the other path of the gradient oracle);
-  * ``"esam"``: ``per_example_loss_fn=f(p)`` and ``value=``;
-  * ``"esam_subset"``: ``per_example_loss_fn=f(p, batch)``, ``batch=`` and ``value=``;
-  * ``"esam_example_losses"``: ``per_example_loss_fn=f(p)``, ``example_losses=`` (no value).
+  * ``"esam"``: ``objective=`` whose outputs are the per-example losses (no batch), ``value=``;
+  * ``"esam_subset"``: the same with the batch in the objective (a subset can be taken);
+  * ``"esam_example_losses"``: ``"esam"`` with the clean per-example losses given (no value);
+  * ``"model"``: ``objective=`` of the MLP's logits and cross-entropies, ``value=``;
+  * ``"model_outputs"``: ``"model"`` with the clean logits given (no value);
+  * ``"vg_adam"``: ``"vg"`` and ``adam_state=`` (the optimizer's state before the step).
   """
   make: Callable[[], optax.GradientTransformation]
   closure: str = "vg"
@@ -160,7 +188,7 @@ ROWS: dict[str, Row] = {
     "gsam": Row(chained(lambda: so.gsam(0.05))),
     "looksam": Row(chained(lambda: so.looksam(0.05, k=2))),
     "randomized": Row(chained(lambda: so.randomized(so.sharpness_aware(0.05), 0.5))),
-    "adaptive_policy": Row(chained(lambda: so.adaptive_policy(so.sharpness_aware(0.05),
+    "adaptive_policy": Row(chained(lambda: ae_sam(so.sharpness_aware(0.05),
                                                               total_steps=10))),
     "gradient_norm_penalty": Row(chained(lambda: so.gradient_norm_penalty(0.1, 0.8))),
     "trace_sam": Row(chained(lambda: so.trace_sam(0.01, num_samples=2))),
@@ -173,7 +201,7 @@ ROWS: dict[str, Row] = {
     "asam_kernels_only": Row(lambda: so.asam(SGD(), kernels_only=True)),
     "msam": Row(lambda: so.msam(SGD())),
     "msam_adamw": Row(lambda: so.msam(optax.adamw(1e-3), rho=1.0)),
-    "apply_if_finite": Row(lambda: so.apply_if_finite(so.sam(SGD()))),
+    "apply_if_finite": Row(lambda: skip_if_nonfinite(so.sam(SGD()))),
     "bsam": Row(lambda: so.bsam(0.05, num_data=32)),
     "sampa": Row(lambda: so.sampa(SGD())),
     "sampa_unvectorized": Row(lambda: so.sampa(SGD(), vectorize=False)),
@@ -189,7 +217,7 @@ ROWS: dict[str, Row] = {
     "randomized_p05_seed3": Row(chained(lambda: so.randomized(so.sharpness_aware(0.05),
                                                               probability=0.5, seed=3))),
     # a threshold high enough that the last of the 4 steps skips the second pass
-    "adaptive_policy_skips": Row(chained(lambda: so.adaptive_policy(
+    "adaptive_policy_skips": Row(chained(lambda: ae_sam(
         so.sharpness_aware(0.05), total_steps=4, lambda_start=2.0, lambda_end=2.0))),
     "sharpness_aware_rho_schedule": Row(chained(lambda: so.sharpness_aware(
         optax.linear_schedule(0.01, 0.1, transition_steps=3)))),
@@ -202,6 +230,34 @@ ROWS: dict[str, Row] = {
 FLAX_ROWS = ("linen_sam", "linen_looksam", "linen_gsam", "linen_esam_subset", "linen_esam_full",
              "linen_sampa", "linen_saf", "linen_mesa", "nnx_sam")
 ALL_ROWS = tuple(ROWS) + FLAX_ROWS
+
+# Recorded at ddf7af2: the contract rows added after e828a15, the objective closure and the
+# clean pass's losses/outputs, the base Adam's moments, and the Flax steps of more methods.
+ROWS_DDF7AF2: dict[str, Row] = {
+    "wsam": Row(chained(lambda: so.wsam(0.05, 0.9))),
+    "wsam_optimizer_decoupled": Row(lambda: so.wsam_optimizer(SGD(), 0.05, 0.9, decoupled=True,
+                                                               learning_rate=0.05)),
+    "stable_sam": Row(chained(lambda: so.stable_sam(0.05))),
+    "monge": Row(core_with(so.monge)),
+    "preconditioned": Row(core_with(so.preconditioned)),
+    "preconditioned_adam": Row(lambda: optax.chain(
+        so.sharpness_aware(0.05, perturbation=so.preconditioned(moments="adam")),
+        optax.adam(1e-2)), "vg_adam"),
+    "late_phase": Row(chained(lambda: so.late_phase(so.sharpness_aware(0.05), 0))),
+    "late_phase_start_2": Row(chained(lambda: so.late_phase(so.sharpness_aware(0.05), 2))),
+    "esam_functional_sam": Row(chained(lambda: so.functional_sam()), "esam"),
+    "esam_functional_preconditioned": Row(chained(
+        lambda: so.functional_sam(perturbation=so.preconditioned())), "esam"),
+    "functional_sam_objective": Row(chained(lambda: so.functional_sam(0.05)), "model"),
+    "functional_sam_outputs": Row(chained(lambda: so.functional_sam(0.05)), "model_outputs"),
+    "esam_objective": Row(chained(lambda: so.esam(0.05, 0.5)), "esam_subset"),
+    "gsam_objective": Row(chained(lambda: so.gsam(0.05)), "model"),
+}
+FLAX_ROWS_DDF7AF2 = ("linen_functional_sam", "linen_msam", "linen_late_phase", "linen_bsam",
+                     "nnx_objective_esam")
+ALL_ROWS_DDF7AF2 = tuple(ROWS_DDF7AF2) + FLAX_ROWS_DDF7AF2
+GOLDENS = {"e828a15": (os.path.join(HERE, "golden.npz"), ALL_ROWS),
+           "ddf7af2": (os.path.join(HERE, "golden_ddf7af2.npz"), ALL_ROWS_DDF7AF2)}
 
 
 # ------------------------------------------------------------------------- helpers
@@ -228,31 +284,59 @@ def put_metrics(metrics: dict, prefix: str, out: dict) -> None:
     out[f"{prefix}/metrics/{name}"] = as_numpy(value)
 
 
-def closure(kind: str, p, batch) -> dict:
+def example_objective(batch, with_batch: bool = False):
+  """The per-example losses as an objective whose outputs are the losses themselves
+  (what ``per_example_loss_fn=`` became): over the closed-over batch, or over ``batch=``
+  (a subset can then be taken)."""
+  if with_batch:
+    return so.Objective(mlp_example_losses, lambda out, b: out, batch)
+  return so.Objective(lambda q, b: mlp_example_losses(q, batch), lambda out, b: out, None)
+
+
+def model_objective(batch):
+  """The MLP's logits and its per-example cross-entropies apart (Functional-SAM's view)."""
+  def per_example(logits, b):
+    return -jnp.take_along_axis(jax.nn.log_softmax(logits), b[1][:, None], axis=1)[:, 0]
+  return so.Objective(lambda q, b: mlp_apply(q, b[0]), per_example, batch)
+
+
+def with_clean(objective, **clean):
+  """The clean pass's per-example losses or outputs: fields of the objective where it has
+  them (from ddf7af2's successor on), the keywords of ESAM and Functional-SAM before."""
+  fields = {"example_losses": "clean_losses", "model_outputs": "clean_outputs"}
+  if all(fields[k] in so.Objective._fields for k in clean):
+    return {"objective": objective._replace(**{fields[k]: v for k, v in clean.items()})}
+  return {"objective": objective, **clean}
+
+
+def closure(kind: str, p, batch, state=None) -> dict:
   if kind == "vg":
     return {"value_and_grad_fn": lambda q: jax.value_and_grad(mlp_loss)(q, batch),
             "value": mlp_loss(p, batch)}
   if kind == "grad":
     return {"grad_fn": lambda q: jax.grad(mlp_loss)(q, batch)}
   if kind == "esam":
-    return {"per_example_loss_fn": lambda q: mlp_example_losses(q, batch),
-            "value": mlp_loss(p, batch)}
+    return {"objective": example_objective(batch), "value": mlp_loss(p, batch)}
   if kind == "esam_subset":
-    return {"per_example_loss_fn": mlp_example_losses, "batch": batch,
-            "value": mlp_loss(p, batch)}
+    return {"objective": example_objective(batch, with_batch=True), "value": mlp_loss(p, batch)}
   if kind == "esam_example_losses":
-    return {"per_example_loss_fn": lambda q: mlp_example_losses(q, batch),
-            "example_losses": mlp_example_losses(p, batch)}
+    return with_clean(example_objective(batch), example_losses=mlp_example_losses(p, batch))
+  if kind == "model":
+    return {"objective": model_objective(batch), "value": mlp_loss(p, batch)}
+  if kind == "model_outputs":
+    return with_clean(model_objective(batch), model_outputs=mlp_apply(p, batch[0]))
+  if kind == "vg_adam":
+    return {**closure("vg", p, batch), "adam_state": state}
   raise ValueError(kind)
 
 
 def compute_mlp_row(name: str) -> dict[str, np.ndarray]:
-  row = ROWS[name]
+  row = ROWS[name] if name in ROWS else ROWS_DDF7AF2[name]
   opt = row.make()
 
   @jax.jit
   def step(p, s, batch):
-    u, s = opt.update(jax.grad(mlp_loss)(p, batch), s, p, **closure(row.closure, p, batch))
+    u, s = opt.update(jax.grad(mlp_loss)(p, batch), s, p, **closure(row.closure, p, batch, s))
     return optax.apply_updates(p, u), s, u
 
   params = mlp_init(0)
@@ -291,9 +375,20 @@ def linen_model():
   return Net()
 
 
+def flax_module():
+  """The Flax integration: ``sam_optax.flax`` (its home from ddf7af2's successor on), or the
+  earlier ``sam_optax.flax_training``."""
+  try:
+    from sam_optax import flax as ft
+  except ImportError:
+    from sam_optax import flax_training as ft
+  return ft
+
+
 def compute_linen_row(name: str) -> dict[str, np.ndarray]:
-  from sam_optax import flax_training as ft
   from sam_optax import trajectory
+
+  ft = flax_module()
 
   model = linen_model()
   x, y = flax_data()
@@ -321,6 +416,15 @@ def compute_linen_row(name: str) -> dict[str, np.ndarray]:
   elif name == "linen_mesa":
     tx = optax.chain(sgd(), so.weight_ema(0.9))
     step = ft.make_linen_mesa_train_step(steps_per_epoch=1, start_epoch=0)
+  elif name == "linen_functional_sam":
+    tx, step = optax.chain(so.functional_sam(0.05), sgd()), ft.make_linen_train_step()
+  elif name == "linen_msam":
+    tx, step = so.msam(sgd(), rho=0.3), ft.make_linen_train_step()
+  elif name == "linen_late_phase":
+    tx = optax.chain(so.late_phase(so.sharpness_aware(0.05), 1), sgd())
+    step = ft.make_linen_train_step()
+  elif name == "linen_bsam":
+    tx, step = so.bsam(0.05, num_data=32), ft.make_linen_train_step()
   else:
     raise KeyError(name)
   state = state_cls.create(apply_fn=model.apply, params=variables["params"],
@@ -339,7 +443,7 @@ def compute_linen_row(name: str) -> dict[str, np.ndarray]:
 def compute_nnx_row(name: str) -> dict[str, np.ndarray]:
   from flax import nnx
 
-  from sam_optax import flax_training as ft
+  ft = flax_module()
 
   class Net(nnx.Module):
     def __init__(self, rngs):
@@ -353,12 +457,28 @@ def compute_nnx_row(name: str) -> dict[str, np.ndarray]:
     return optax.softmax_cross_entropy_with_integer_labels(model(x), y).mean()
 
   model = Net(nnx.Rngs(0))
-  optimizer = nnx.Optimizer(model, so.sam(optax.sgd(0.1, momentum=0.9)), wrt=nnx.Param)
-  step = nnx.jit(ft.nnx_sam_step, static_argnums=2)
   x, y = flax_data()
+  if name == "nnx_sam":
+    optimizer = nnx.Optimizer(model, so.sam(optax.sgd(0.1, momentum=0.9)), wrt=nnx.Param)
+    step = nnx.jit(ft.nnx_sam_step, static_argnums=2)
+    call = lambda: step(model, optimizer, loss_fn, x, y)
+  elif name == "nnx_objective_esam":
+    tx = optax.chain(so.esam(0.05, 0.5, perturbation=so.l2()), optax.sgd(0.1, momentum=0.9))
+    optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
+    forward = lambda m, b: m(b[0])
+    per_example = lambda out, b: optax.softmax_cross_entropy_with_integer_labels(out, b[1])
+
+    @nnx.jit
+    def objective_step(model, optimizer, batch):
+      loss = ft.nnx_objective_update(model, optimizer, forward, per_example, batch)
+      return {"loss": loss, **so.metrics(optimizer.opt_state)}
+
+    call = lambda: objective_step(model, optimizer, (x, y))
+  else:
+    raise KeyError(name)
   out: dict[str, np.ndarray] = {}
   for i in range(3):
-    metrics = step(model, optimizer, loss_fn, x, y)
+    metrics = call()
     pre = f"{name}/step{i}"
     flat(nnx.to_pure_dict(nnx.state(model, nnx.Param)), f"{pre}/params", out)
     flat(nnx.to_pure_dict(nnx.state(model, nnx.BatchStat)), f"{pre}/batch_stats", out)
@@ -373,8 +493,10 @@ def compute_row(name: str) -> dict[str, np.ndarray]:
     return compute_mlp_row(name)
   if name.startswith("linen_"):
     return compute_linen_row(name)
-  if name == "nnx_sam":
+  if name.startswith("nnx_"):
     return compute_nnx_row(name)
+  if name in ROWS_DDF7AF2:
+    return compute_mlp_row(name)
   raise KeyError(name)
 
 
@@ -390,16 +512,14 @@ def versions() -> dict[str, str]:
   return out
 
 
-def main(path: str = GOLDEN_PATH) -> None:
+def main(commit: str = GOLDEN_COMMIT) -> None:
+  """Writes the golden of ``commit`` (``e828a15`` or ``ddf7af2``, see the module docstring)."""
   import time
   print("sam_optax from", so.__file__)
   check_problem_matches_helpers()
-  import test_contract  # every row of the contract table has a golden
-  missing = set(test_contract.OPTIMIZERS) - set(ROWS)
-  if missing:
-    raise AssertionError(f"rows of test_contract.OPTIMIZERS without a golden row: {sorted(missing)}")
+  path, rows = GOLDENS[commit]
   arrays: dict[str, np.ndarray] = {}
-  for name in ALL_ROWS:
+  for name in rows:
     t = time.perf_counter()
     row = compute_row(name)
     if any(not k.startswith(name + "/") for k in row):
@@ -408,11 +528,11 @@ def main(path: str = GOLDEN_PATH) -> None:
     print(f"{name:32s} {len(row):4d} arrays {time.perf_counter() - t:6.2f} s", flush=True)
   for k, v in versions().items():
     arrays[f"__meta__/{k}"] = np.asarray(v)
-  arrays["__meta__/commit"] = np.asarray(GOLDEN_COMMIT)
-  arrays["__meta__/rows"] = np.asarray(ALL_ROWS)
+  arrays["__meta__/commit"] = np.asarray(commit)
+  arrays["__meta__/rows"] = np.asarray(rows)
   np.savez_compressed(path, **arrays)
   print(f"wrote {path}: {len(arrays)} arrays, {os.path.getsize(path)} bytes")
 
 
 if __name__ == "__main__":
-  main(sys.argv[1] if len(sys.argv) > 1 else GOLDEN_PATH)
+  main(sys.argv[1] if len(sys.argv) > 1 else GOLDEN_COMMIT)
