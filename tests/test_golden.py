@@ -69,10 +69,11 @@ _spec.loader.exec_module(mg)
 # Issue 19, memory: the cosine keeps g alive through the second pass (a params-sized buffer);
 # it is recorded (a state leaf) where the method keeps g anyway (GSAM, LookSAM, PGN, SAMPa,
 # bSAM, Frob/Det-SAM) or with telemetry="full", and is None (no leaf) elsewhere.
-_COSINE_FREE = (r"(gsam|looksam.*|gradient_norm_penalty|sampa.*|bsam|frob_sam|det_sam|linen_gsam|linen_looksam"
-                r"|linen_sampa)")
+_COSINE_FREE = (r"(gsam|looksam.*|gradient_norm_penalty|sampa.*|bsam|frob_sam|det_sam|linen_gsam"
+                r"|linen_looksam|linen_sampa)")
 _NO_COSINE = r"(?!" + _COSINE_FREE + r"$).*"
-_ENGINE_ROWS = r"(gsam|looksam|looksam_k3|looksam_grad_fn|gradient_norm_penalty|linen_gsam|linen_looksam)"
+_ENGINE_ROWS = (r"(gsam|looksam|looksam_k3|looksam_grad_fn|gradient_norm_penalty|linen_gsam"
+                r"|linen_looksam)")
 _STATE_PATH_CHANGES_E828: dict[str | tuple[str, str], str | None] = {
     # GSAM, PGN and LookSAM are declarations on the engine, no longer wrappers of the
     # core: the core's fields (perturbation_state, telemetry) sit in their own state.
@@ -107,23 +108,39 @@ _NEW_METRICS_E828: list[str] = [
 # exist, except a metric, which a listed change may drop.
 #   ("esam.*", r"step\d+/metrics/clean_loss"): "the clean loss is now the mean of ...",
 _INTENDED_CHANGES_E828: dict[tuple[str, str], str] = {
-    (_NO_COSINE, r"(init|step\d+)/metrics/cosine"): "cosine recorded only where free (issue 19, memory)",
+    (_NO_COSINE,
+     r"(init|step\d+)/metrics/cosine"): "cosine recorded only where free (issue 19, memory)",
     # 1 ULP (1.024694 -> 1.024693) in the loss recorded at x~ on SAMPa's first linen step: the
     # one linen step's program (clean forward, then the vmapped pair) fuses differently in
     # XLA; updates, params, statistics and every other leaf are bitwise equal.
-    ("linen_sampa", r"step0/state\.opt_state\.telemetry\.perturbed_loss"): "XLA fusion, 1 ULP, telemetry only",
+    ("linen_sampa",
+     r"step0/state\.opt_state\.telemetry\.perturbed_loss"): "XLA fusion, 1 ULP, telemetry only",
     # Issue 19, memory: for the L2 geometry ||eps|| is rho * ||g||/||g|| (exactly rho), not a
     # reduction of eps itself, which made XLA keep a params-sized copy of eps through the
     # second pass (7.1 vs 3.6 MiB on the step-cost MLP); the recorded value moves by <= 1 ULP.
     (r".*", r"(init|step\d+)/(state.*telemetry(\.perturbation_norm|'\]\['perturbation_norm'\])"
-            r"|metrics/perturbation_norm)"): "||eps|| in closed form for L2 (issue 19, memory), <= 1 ULP",
+            r"|metrics/perturbation_norm)"):
+        "||eps|| in closed form for L2 (issue 19, memory), <= 1 ULP",
 }
 
-# The explicit protocol (issue 25): nothing changed yet.
-_STATE_PATH_CHANGES_DDF: dict[str | tuple[str, str], str | None] = {}
-_NEW_STATE_LEAVES_DDF: list[str] = []
-_NEW_METRICS_DDF: list[str] = []
-_INTENDED_CHANGES_DDF: dict[tuple[str, str], str] = {}
+# The explicit protocol (issue 25). MSAM writes the standard Telemetry: its two norms move
+# into it, and it records the caller's loss as the perturbed one (taken at w + eps).
+_MSAM_ROWS = r"(msam|msam_adamw|linen_msam)"
+_STATE_PATH_CHANGES_DDF: dict[str | tuple[str, str], str | None] = {
+    (_MSAM_ROWS, r"(.*)\.(perturbation_norm|perturbed_grad_norm)"): r"\1.telemetry.\2",
+}
+_NEW_STATE_LEAVES_DDF: list[str] = [
+    r"(\.opt_state)?\.telemetry\.(perturbed_loss|clean_loss|has_clean_loss|has_perturbed_loss|misordered)",
+]
+_NEW_METRICS_DDF: list[str] = [
+    r"perturbed_loss",  # MSAM: the caller's loss, taken at the perturbed point
+]
+_INTENDED_CHANGES_DDF: dict[tuple[str, str], str] = {
+    # the linen step reports the clean gradient's norm as `grad_norm` only for optimizers that
+    # record no `clean_grad_norm` themselves (the same number): it reads no method's type, and
+    # a method that takes its own gradients (SAMPa, bSAM) lets XLA drop the clean backward
+    (r"linen_.*", r"step\d+/metrics/grad_norm"): "grad_norm is the telemetry's clean_grad_norm",
+}
 
 CHANGES = {
     "e828a15": (_STATE_PATH_CHANGES_E828, _NEW_STATE_LEAVES_E828, _NEW_METRICS_E828,
@@ -211,22 +228,43 @@ def _intended(row: str, key: str) -> str | None:
   return None
 
 
-def _differs(old: np.ndarray, new: np.ndarray) -> str | None:
+def _same_cpu(row: str) -> bool:
+  """Whether this CPU is the one the row's golden was recorded on (bitwise comparison);
+  elsewhere XLA:CPU may round differently and the comparison allows :data:`OTHER_CPU`."""
+  if os.environ.get("SAM_OPTAX_GOLDEN_STRICT") == "1":
+    return True
+  golden = _GOLDENS[_COMMIT_OF[row]]
+  return "__meta__/cpu" in golden.files and str(golden["__meta__/cpu"]) == mg.cpu_fingerprint()
+
+
+# on another CPU: ulp-level rounding differences, compounded over N_STEPS steps (measured:
+# between two AMD EPYC machines, 1 entry of 9432 beyond rtol 1e-3 + atol 1e-6: an abs. 6e-6)
+OTHER_CPU = {"rtol": 1e-3, "atol": 1e-5}
+
+
+def _differs(old: np.ndarray, new: np.ndarray, exact: bool = True) -> str | None:
   if old.dtype != new.dtype:
     return f"dtype {new.dtype} (golden {old.dtype})"
   if old.shape != new.shape:
     return f"shape {new.shape} (golden {old.shape})"
   try:
-    np.testing.assert_array_equal(new, old)
+    if exact:
+      np.testing.assert_array_equal(new, old)
+    elif np.issubdtype(old.dtype, np.inexact):
+      np.testing.assert_allclose(new, old, **OTHER_CPU)
+    else:
+      np.testing.assert_array_equal(new, old)
   except AssertionError as e:
     return str(e).strip().replace("\n", "\n      ")
-  if old.tobytes() != new.tobytes():
+  if exact and old.tobytes() != new.tobytes():
     return "equal as numbers but not bitwise (signed zero or NaN payload)"
   return None
 
 
-def compare(row: str, golden: dict[str, np.ndarray], new: dict[str, np.ndarray]) -> list[str]:
-  """The failures of one row: missing, unexpected and differing keys."""
+def compare(row: str, golden: dict[str, np.ndarray], new: dict[str, np.ndarray],
+            exact: bool = True) -> list[str]:
+  """The failures of one row: missing, unexpected and differing keys (``exact``: bitwise,
+  else within :data:`OTHER_CPU`)."""
   failures, expected_new = [], set()
   for key, old in golden.items():
     m = _KEY.fullmatch(key)
@@ -246,7 +284,7 @@ def compare(row: str, golden: dict[str, np.ndarray], new: dict[str, np.ndarray])
       continue
     if _intended(row, key) is not None:
       continue
-    why = _differs(old, new[new_key])
+    why = _differs(old, new[new_key], exact)
     if why is not None:
       failures.append(f"differs: {key}" + (f" -> {new_key}" if new_key != key else "") +
                       f": {why}")
@@ -289,7 +327,12 @@ def test_change_tables_are_well_formed():
       assert isinstance(reason, str) and reason.strip(), "every intended change needs its reason"
 
 
-@pytest.mark.parametrize("row", _ALL_ROWS)
+# the fast lane's rows: SAM, a gated method, ESAM's objective, MSAM, a linen and the NNX step
+_FAST = ("sam", "looksam", "esam", "msam", "linen_sam", "nnx_sam")
+
+
+@pytest.mark.parametrize("row", [pytest.param(r, marks=() if r in _FAST else pytest.mark.slow)
+                                 for r in _ALL_ROWS])
 def test_golden(row):
   if _is_flax(row):
     pytest.importorskip("flax")
@@ -300,7 +343,16 @@ def test_golden(row):
   assert golden, f"no golden for row {row}"
   computed = mg.compute_row(row)
   new = {k[len(row) + 1:]: v for k, v in computed.items()}
-  failures = compare(row, golden, new)
+  failures = compare(row, golden, new, exact=_same_cpu(row))
   shown = "\n  ".join(failures[:25])
   more = f"\n  ... and {len(failures) - 25} more" if len(failures) > 25 else ""
   assert not failures, f"{row}: {len(failures)} of {len(golden)} golden arrays\n  {shown}{more}"
+
+
+def test_every_registry_entry_has_a_golden_row():
+  """Every public transformation of the method registry has recorded outputs, except those
+  added after the last golden was recorded (``Entry(golden="")``), which say so."""
+  from sam_optax._src import registry
+  missing = [e.name for e in registry.ENTRIES if e.example is not None and e.golden != ""
+             and e.golden_row not in _COMMIT_OF]
+  assert not missing, f"registry entries without a golden row: {missing}"

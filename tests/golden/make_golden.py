@@ -7,7 +7,8 @@ it on ``PYTHONPATH``), before the refactor that the file guards:
   one engine)::
 
     git worktree add /tmp/golden_src e828a15
-    PYTHONPATH=/tmp/golden_src .venv/bin/python tests/golden/make_golden.py   # prints sam_optax.__file__
+    PYTHONPATH=/tmp/golden_src .venv/bin/python tests/golden/make_golden.py   # prints
+    sam_optax.__file__
 
 * ``golden_ddf7af2.npz``: the rows of ``ROWS_DDF7AF2`` and ``FLAX_ROWS_DDF7AF2`` (the
   methods added after e828a15, the objective closure, the Flax steps of the methods that
@@ -38,7 +39,12 @@ A row runs ``N_STEPS`` jitted steps (one jitted function per row) of its optimiz
 batch_stats: ``.step``, ``.opt_state...``, ``.saf...``) and the metrics dict the train step
 returns; the NNX row records the model's ``params``/``batch_stats``, ``state`` (the
 optimizer's ``opt_state`` and the model's RNG counters) and the returned metrics.
-``__meta__/...`` entries hold the library versions the golden was made with.
+``__meta__/...`` entries hold the library versions the golden was made with and the CPU
+(``cpu_fingerprint``): the comparison is bitwise on that CPU and within a small tolerance on
+another, where XLA:CPU may round differently. Both files were re-recorded from their commits
+when CI moved to a CPU with other features (the c1603b0 version of this script against
+e828a15, this one against ddf7af2); every array of the new recordings is within rtol 1e-3,
+atol 1e-5 of the old ones, which the code at those commits was checked against bitwise.
 """
 
 from __future__ import annotations
@@ -500,10 +506,27 @@ def compute_row(name: str) -> dict[str, np.ndarray]:
   raise KeyError(name)
 
 
+def cpu_fingerprint() -> str:
+  """The CPU's model name and a hash of its feature flags (``/proc/cpuinfo``): XLA:CPU
+  compiles for the features it finds, so the same program can round differently (by an
+  ulp or so) on another CPU generation with the same versions of everything."""
+  import hashlib
+  try:
+    with open("/proc/cpuinfo") as f:
+      lines = f.read().splitlines()
+  except OSError:
+    import platform
+    return platform.processor() or "unknown"
+  model = next((ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("model name")), "")
+  flags = next((ln.split(":", 1)[1].split() for ln in lines if ln.startswith("flags")), [])
+  return f"{model} / flags {hashlib.sha256(' '.join(sorted(flags)).encode()).hexdigest()[:12]}"
+
+
 def versions() -> dict[str, str]:
   import importlib.metadata as md
   import platform
-  out = {"python": platform.python_version(), "machine": platform.machine()}
+  out = {"python": platform.python_version(), "machine": platform.machine(),
+         "cpu": cpu_fingerprint()}
   for pkg in ("jax", "jaxlib", "optax", "flax", "numpy", "chex"):
     try:
       out[pkg] = md.version(pkg)
