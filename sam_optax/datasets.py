@@ -22,7 +22,8 @@ import os
 
 import numpy as np
 
-__all__ = ("add_label_noise", "fashion_mnist_available", "load_digits", "load_fashion_mnist", "load_mnist5k",
+__all__ = ("add_label_noise", "fashion_mnist_available", "load_digits", "load_fashion_mnist",
+           "load_mnist5k",
            "read_idx", "stratified_split")
 
 
@@ -45,7 +46,8 @@ def stratified_split(y: np.ndarray, test_fraction: float, seed: int = 1234
     (16, 4)
   """
   if not 0.0 < float(test_fraction) < 1.0:
-    raise ValueError(f"`stratified_split(test_fraction=...)` must lie in (0, 1), got {test_fraction!r}.")
+    raise ValueError(f"`stratified_split(test_fraction=...)` must lie in (0, 1), got "
+                     f"{test_fraction!r}.")
   rng = np.random.default_rng(seed)
   train, test = [], []
   for c in np.unique(y):
@@ -197,17 +199,18 @@ def read_idx(path: str | os.PathLike) -> np.ndarray:
                      "pass an MNIST-style -idx*-ubyte file.")
   kind, ndim = raw[2], raw[3]
   if kind != _IDX_UBYTE:
-    raise ValueError(f"`read_idx(path=...)`: {path} holds IDX element type 0x{kind:02x}; only unsigned "
-                     f"bytes (0x{_IDX_UBYTE:02x}) are read.")
+    raise ValueError(f"`read_idx(path=...)`: {path} holds IDX element type 0x{kind:02x}; only "
+                     f"unsigned bytes (0x{_IDX_UBYTE:02x}) are read.")
   offset = 4 + 4 * ndim
   if ndim == 0 or len(raw) < offset:
-    raise ValueError(f"`read_idx(path=...)`: {path} has a truncated IDX header ({len(raw)} bytes for "
-                     f"{ndim} dimensions).")
+    raise ValueError(f"`read_idx(path=...)`: {path} has a truncated IDX header ({len(raw)} bytes "
+                     f"for {ndim} dimensions).")
   shape = tuple(int.from_bytes(raw[4 + 4 * i:8 + 4 * i], "big") for i in range(ndim))
   expected = int(np.prod(shape))
   if len(raw) - offset != expected:
-    raise ValueError(f"`read_idx(path=...)`: {path} holds {len(raw) - offset} data bytes but its header "
-                     f"says {shape} = {expected}; the file is truncated or damaged, reinstall it.")
+    raise ValueError(f"`read_idx(path=...)`: {path} holds {len(raw) - offset} data bytes but its "
+                     f"header says {shape} = {expected}; the file is truncated or damaged, "
+                     f"reinstall it.")
   return np.frombuffer(raw, np.uint8, count=expected, offset=offset).reshape(shape)
 
 
@@ -224,10 +227,12 @@ def _fashion_dirs(path: str | os.PathLike | None) -> list[str]:
 
 
 def _fashion_files(folder: str) -> dict[str, str] | None:
-  """The four files in ``folder`` (each as ``<name>.gz`` or ``<name>``), or None if any is missing."""
+  """The four files in ``folder`` (each as ``<name>.gz`` or ``<name>``), or None if any is
+  missing."""
   found = {}
   for key, name in _FASHION_FILES.items():
-    hits = [p for p in (os.path.join(folder, name + ".gz"), os.path.join(folder, name)) if os.path.isfile(p)]
+    hits = [p for p in (os.path.join(folder, name + ".gz"),
+                        os.path.join(folder, name)) if os.path.isfile(p)]
     if not hits:
       return None
     found[key] = hits[0]
@@ -264,15 +269,18 @@ def _read_fashion(path: str | os.PathLike | None) -> tuple[np.ndarray, ...]:
     for split, n in (("train", 60_000), ("test", 10_000)):
       x, y = arrays[f"x_{split}"], arrays[f"y_{split}"]
       if x.shape[1:] != (28, 28) or y.ndim != 1 or len(x) != len(y):
-        raise ValueError(f"Fashion-MNIST's {split} files in {os.path.dirname(key)} have images {x.shape} "
-                         f"and labels {y.shape}; expected ({n}, 28, 28) and ({n},). Reinstall them.")
+        raise ValueError(f"Fashion-MNIST's {split} files in {os.path.dirname(key)} have images "
+                         f"{x.shape} and labels {y.shape}; expected ({n}, 28, 28) and ({n},). "
+                         f"Reinstall them.")
       if y.max(initial=0) > 9:
-        raise ValueError(f"Fashion-MNIST's {split} labels in {os.path.dirname(key)} exceed 9; reinstall them.")
+        raise ValueError(f"Fashion-MNIST's {split} labels in {os.path.dirname(key)} exceed 9; "
+                         f"reinstall them.")
     _FASHION_CACHE[key] = tuple(arrays[k] for k in _FASHION_FILES)
   return _FASHION_CACHE[key]
 
 
-def load_fashion_mnist(seed: int = 0, label_noise: float = 0.0, path: str | os.PathLike | None = None):
+def load_fashion_mnist(seed: int = 0, label_noise: float = 0.0,
+                       path: str | os.PathLike | None = None):
   r"""Fashion-MNIST as ``(x_train, y_train, x_test, y_test)``, 28x28x1 float32 in [0, 1].
 
   The standard split: 60,000 training images (6,000 per class) and 10,000 test images

@@ -27,12 +27,14 @@ __all__ = ["dead_unit_fraction", "linen_dead_unit_fractions"]
 
 def _unit_axis(ndim: int, axis: int) -> int:
   if not -ndim <= axis < ndim:
-    raise ValueError(f"`dead_unit_fraction(axis=...)`: axis {axis} is out of range for an activation of "
-                     f"{ndim} dimensions; pass the axis of the units (features, channels), e.g. -1.")
+    raise ValueError(f"`dead_unit_fraction(axis=...)`: axis {axis} is out of range for an "
+                     f"activation of {ndim} dimensions; pass the axis of the units (features, "
+                     f"channels), e.g. -1.")
   return axis % ndim
 
 
-def dead_unit_fraction(activations: jax.Array, axis: int = -1, *, threshold: float = 0.0) -> jax.Array:
+def dead_unit_fraction(activations: jax.Array, axis: int = -1, *,
+                       threshold: float = 0.0) -> jax.Array:
   r"""The fraction of units inactive on every example of a batch.
 
   For activations :math:`a_{n,j}` (examples and positions :math:`n`, units :math:`j`,
@@ -58,7 +60,7 @@ def dead_unit_fraction(activations: jax.Array, axis: int = -1, *, threshold: flo
 
   Returns:
     A float32 scalar in :math:`[0, 1]`; NaNs count as active (they are not a dead unit's
-    symptom, and :func:`sam_optax.apply_if_finite` is the tool for them).
+    symptom, and :func:`sam_optax.skip_if_nonfinite` is the tool for them).
 
   Example:
     >>> import jax.numpy as jnp
@@ -81,8 +83,8 @@ def dead_unit_fraction(activations: jax.Array, axis: int = -1, *, threshold: flo
   """
   a = jnp.asarray(activations)
   if a.ndim == 0:
-    raise ValueError("`dead_unit_fraction(activations=...)` got a scalar; pass a batch of activations "
-                     "with a units axis, e.g. shape (batch, units).")
+    raise ValueError("`dead_unit_fraction(activations=...)` got a scalar; pass a batch of "
+                     "activations with a units axis, e.g. shape (batch, units).")
   unit = _unit_axis(a.ndim, axis)
   others = tuple(i for i in range(a.ndim) if i != unit)
   active = jnp.any(~(a.astype(jnp.float32) <= threshold), axis=others)  # NaN counts as active
@@ -116,7 +118,7 @@ def linen_dead_unit_fractions(apply_fn: Callable[..., Any], variables: Any, x: A
   activation itself where the nonlinearity is not a ReLU or not the next operation.
 
   Args:
-    apply_fn: ``model.apply`` (or a :class:`~sam_optax.flax_training.TrainState`'s ``apply_fn``).
+    apply_fn: ``model.apply`` (or a :class:`~sam_optax.flax.TrainState`'s ``apply_fn``).
     variables: ``{'params': ..., 'batch_stats': ...}`` as ``apply_fn`` takes them.
     x: the batch; use one large enough to be representative (a unit alive on one example
       in a thousand is alive).
@@ -158,13 +160,14 @@ def linen_dead_unit_fractions(apply_fn: Callable[..., Any], variables: Any, x: A
     <https://arxiv.org/abs/2509.21818>`_ (stalls of SAM at large :math:`\rho`), 2025.
   """
   if "capture_intermediates" in apply_kwargs or "mutable" in apply_kwargs:
-    raise TypeError("`linen_dead_unit_fractions` sets `capture_intermediates` and `mutable` itself; pass "
-                    "`capture=` and `mutable=` (extra collections) instead.")
+    raise TypeError("`linen_dead_unit_fractions` sets `capture_intermediates` and `mutable` "
+                    "itself; pass `capture=` and `mutable=` (extra collections) instead.")
   out = apply_fn(variables, x, capture_intermediates=capture, mutable=["intermediates", *mutable],
                  **apply_kwargs)
   if not (isinstance(out, tuple) and len(out) == 2):
-    raise TypeError("`linen_dead_unit_fractions(apply_fn=...)` must be a linen `apply` that returns "
-                    "(output, mutated collections) when called with `mutable=`; pass `model.apply`.")
+    raise TypeError("`linen_dead_unit_fractions(apply_fn=...)` must be a linen `apply` that "
+                    "returns (output, mutated collections) when called with `mutable=`; pass "
+                    "`model.apply`.")
   recorded = out[1].get("intermediates", {})
   fractions: dict[str, jax.Array] = {}
   for path, values in _recorded(recorded):

@@ -236,7 +236,8 @@ def max_sharpness(loss_fn: LossFn, params: PyTree, rho: float, *,
     >>> import jax.numpy as jnp
     >>> from sam_optax import sharpness
     >>> loss = lambda w: 0.5 * (3.0 * w[0] ** 2 + w[1] ** 2)
-    >>> s = sharpness.max_sharpness(loss, jnp.zeros(2), rho=0.1)   # at the minimum: rho^2 lambda_max / 2
+    >>> # at the minimum: rho^2 lambda_max / 2
+    >>> s = sharpness.max_sharpness(loss, jnp.zeros(2), rho=0.1)
     >>> round(float(s), 5)
     0.015
 
@@ -276,7 +277,8 @@ def max_sharpness(loss_fn: LossFn, params: PyTree, rho: float, *,
   return (best - base).astype(jnp.float32)
 
 
-def m_sharpness(loss_fn_of_batch: Callable[[PyTree, PyTree], jax.Array], params: PyTree, batch: PyTree,
+def m_sharpness(loss_fn_of_batch: Callable[[PyTree, PyTree], jax.Array], params: PyTree,
+                batch: PyTree,
                 rho: float, m: int, **kwargs) -> jax.Array:
   r"""m-sharpness: the mean over groups of m examples of each group's max sharpness.
 
@@ -291,7 +293,8 @@ def m_sharpness(loss_fn_of_batch: Callable[[PyTree, PyTree], jax.Array], params:
     >>> loss = lambda w, xb: 0.5 * jnp.mean((xb @ w) ** 2)    # zero loss at w = 0
     >>> m1 = sharpness.m_sharpness(loss, jnp.zeros(2), x, rho=0.1, m=1)   # one example per group
     >>> m4 = sharpness.m_sharpness(loss, jnp.zeros(2), x, rho=0.1, m=4)   # the whole batch
-    >>> round(float(m1), 5), round(float(m4), 5)   # rho^2/2 * top eigenvalue of each group's Hessian
+    >>> # rho^2/2 * the top eigenvalue of each group's Hessian
+    >>> round(float(m1), 5), round(float(m4), 5)
     (0.005, 0.0025)
 
   References:
@@ -303,8 +306,8 @@ def m_sharpness(loss_fn_of_batch: Callable[[PyTree, PyTree], jax.Array], params:
   if n % m:
     raise ValueError(f"`m_sharpness(m=...)`: the batch size {n} must be divisible by m={m}.")
   groups = jax.tree.map(lambda x: x.reshape(n // m, m, *x.shape[1:]), batch)
-  values = jax.lax.map(lambda g: max_sharpness(lambda p: loss_fn_of_batch(p, g), params, rho, **kwargs),
-                       groups)
+  of_group = lambda g: max_sharpness(lambda p: loss_fn_of_batch(p, g), params, rho, **kwargs)
+  values = jax.lax.map(of_group, groups)
   return jnp.mean(values)
 
 
@@ -322,7 +325,8 @@ def ascent_gap(loss_fn: LossFn, params: PyTree, rho: float, *,
     >>> import jax.numpy as jnp
     >>> from sam_optax import sharpness
     >>> loss = lambda w: 0.5 * (3.0 * w[0] ** 2 + w[1] ** 2)
-    >>> round(float(sharpness.ascent_gap(loss, jnp.array([1.0, 0.0]), rho=0.1)), 4)  # g along the top eigenvector
+    >>> # g along the top eigenvector
+    >>> round(float(sharpness.ascent_gap(loss, jnp.array([1.0, 0.0]), rho=0.1)), 4)
     1.0
     >>> # small g along the flat direction: one step gains 0.006, the worst case 0.015025
     >>> round(float(sharpness.ascent_gap(loss, jnp.array([0.0, 0.01]), rho=0.1)), 3)
@@ -338,7 +342,8 @@ def ascent_gap(loss_fn: LossFn, params: PyTree, rho: float, *,
   return jnp.clip(one_step * tu.safe_inverse(worst, 0.0), 0.0, 1.0)
 
 
-def filter_normalized_direction(params: PyTree, key: jax.Array, *, ignore_1d: bool = True) -> PyTree:
+def filter_normalized_direction(params: PyTree, key: jax.Array, *,
+                                ignore_1d: bool = True) -> PyTree:
   r"""A random Gaussian direction rescaled filter by filter to the weights' norms.
 
   For a leaf of rank >= 2 (output filters on the last axis, Flax layout)
@@ -351,7 +356,8 @@ def filter_normalized_direction(params: PyTree, key: jax.Array, *, ignore_1d: bo
     >>> from sam_optax import sharpness
     >>> params = {"kernel": jnp.full((4, 2), 2.0), "bias": jnp.ones(2)}
     >>> d = sharpness.filter_normalized_direction(params, jax.random.key(0))
-    >>> jnp.linalg.norm(d["kernel"], axis=0).round(4).tolist(), d["bias"].tolist()  # |d_i| = |w_i| = 4
+    >>> # |d_i| = |w_i| = 4
+    >>> jnp.linalg.norm(d["kernel"], axis=0).round(4).tolist(), d["bias"].tolist()
     ([4.0, 4.0], [0.0, 0.0])
 
   References:
@@ -391,8 +397,8 @@ def loss_landscape_1d(loss_fn: LossFn, params: PyTree, *, direction: PyTree | No
     >>> import jax.numpy as jnp
     >>> from sam_optax import sharpness
     >>> loss = lambda w: jnp.sum(w ** 2)
-    >>> alphas, losses = sharpness.loss_landscape_1d(loss, jnp.zeros(2), direction=jnp.array([1.0, 1.0]),
-    ...                                              alphas=jnp.array([-1.0, 0.0, 0.5]))
+    >>> alphas, losses = sharpness.loss_landscape_1d(
+    ...     loss, jnp.zeros(2), direction=jnp.array([1.0, 1.0]), alphas=jnp.array([-1.0, 0.0, 0.5]))
     >>> losses.tolist()   # 2 alpha^2
     [2.0, 0.0, 0.5]
 
@@ -410,7 +416,8 @@ def loss_landscape_1d(loss_fn: LossFn, params: PyTree, *, direction: PyTree | No
   return alphas, losses
 
 
-def loss_landscape_2d(loss_fn: LossFn, params: PyTree, *, directions: tuple[PyTree, PyTree] | None = None,
+def loss_landscape_2d(loss_fn: LossFn, params: PyTree, *,
+                      directions: tuple[PyTree, PyTree] | None = None,
                       alphas: jax.Array | None = None, betas: jax.Array | None = None,
                       key: jax.Array | None = None, batch_size: int | None = 64
                       ) -> tuple[jax.Array, jax.Array, jax.Array]:

@@ -18,7 +18,7 @@ pieces for a jitted train step, not gradient transformations:
   and :func:`mesa_loss` uses;
 * :func:`active`: the epoch window in which the term is on.
 
-:mod:`sam_optax.flax_training` has ready-made linen train steps
+:mod:`sam_optax.flax` has ready-made linen train steps
 (``make_linen_saf_train_step``, ``make_linen_mesa_train_step``).
 """
 
@@ -35,7 +35,8 @@ from sam_optax._src.validation import check_int, check_real
 
 PyTree = Any
 
-__all__ = ("SAFState", "WeightEMAState", "active", "ema_params", "mesa_loss", "saf_init", "saf_loss",
+__all__ = ("SAFState", "WeightEMAState", "active", "ema_params", "mesa_loss", "saf_init",
+           "saf_loss",
            "saf_reference", "saf_update", "trajectory_loss", "weight_ema")
 
 
@@ -388,7 +389,8 @@ def weight_ema(decay: float = 0.9998) -> optax.GradientTransformationExtraArgs:
                        "`update(updates, state, params)`, with `weight_ema` last in the chain.")
     d = jnp.asarray(decay, jnp.float32)
     ema = jax.tree.map(
-        lambda e, w, u: (d * e + (1.0 - d) * (w.astype(e.dtype) + u.astype(e.dtype))).astype(e.dtype),
+        lambda e, w, u: (d * e + (1.0 - d) * (w.astype(e.dtype) + u.astype(e.dtype))
+                         ).astype(e.dtype),
         state.ema, params, updates)
     return updates, WeightEMAState(optax.safe_increment(state.count), ema)
 

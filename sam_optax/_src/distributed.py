@@ -57,6 +57,12 @@ def _vma_checked(axis_name: str) -> bool:
     return False
 
 
+def check_axis_name(axis_name: Any, fn: str) -> None:
+  if axis_name is not None and not isinstance(axis_name, (str, tuple)):
+    raise TypeError(f"`{fn}(axis_name=...)` must be None, a mesh/pmap axis name or a "
+                    f"tuple of names, got {axis_name!r}.")
+
+
 def check_local_gradient(updates: PyTree, axis_name: Any, fn: str) -> None:
   """Raises when, under check_vma=True, the gradient is already reduced over the axis."""
   names = axis_name if isinstance(axis_name, tuple) else (axis_name,)

@@ -14,8 +14,8 @@ def _all_finite(tree) -> jax.Array:
   return jnp.all(jnp.asarray([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)] or [True]))
 
 
-def apply_if_finite(inner: optax.GradientTransformation, max_consecutive_errors: int = 5
-                    ) -> optax.GradientTransformationExtraArgs:
+def skip_if_nonfinite(inner: optax.GradientTransformation, max_consecutive_errors: int = 5
+                      ) -> optax.GradientTransformationExtraArgs:
   r"""Skip a step whose gradient *or* output is not finite, keeping ``inner``'s state.
 
   ``optax.apply_if_finite`` looks at the incoming gradient only. In a
@@ -44,15 +44,16 @@ def apply_if_finite(inner: optax.GradientTransformation, max_consecutive_errors:
 
   Example:
     >>> import jax, jax.numpy as jnp, optax, sam_optax
-    >>> tx = sam_optax.apply_if_finite(sam_optax.sam(optax.sgd(0.1), 0.05))
+    >>> tx = sam_optax.skip_if_nonfinite(sam_optax.sam(optax.sgd(0.1), 0.05))
     >>> w = jnp.ones(2); state = tx.init(w)
     >>> blows_up = lambda p: jnp.full_like(p, jnp.nan)  # NaN at the perturbed point
     >>> u, state = tx.update(w, state, w, grad_fn=blows_up)
     >>> u, int(state.total_notfinite)
     (Array([0., 0.], dtype=float32), 1)
   """
-  check_transform("inner", inner, "apply_if_finite")
-  max_consecutive_errors = check_int("max_consecutive_errors", max_consecutive_errors, "apply_if_finite", minimum=0)
+  check_transform("inner", inner, "skip_if_nonfinite")
+  max_consecutive_errors = check_int("max_consecutive_errors", max_consecutive_errors,
+                                     "skip_if_nonfinite", minimum=0)
   inner_update = optax.with_extra_args_support(inner).update
 
   def init(params):
@@ -72,8 +73,3 @@ def apply_if_finite(inner: optax.GradientTransformation, max_consecutive_errors:
     return out, optax.ApplyIfFiniteState(notfinite_count, isfinite, total, inner_state)
 
   return optax.GradientTransformationExtraArgs(init, update)
-
-
-# The name that says what it does and does not shadow `optax.apply_if_finite`, whose
-# semantics differ (it checks the incoming gradient only); `apply_if_finite` stays.
-skip_if_nonfinite = apply_if_finite

@@ -18,7 +18,7 @@ and resets it to ``None`` in the results. The decision comes from the state's
 ``host_plan``: LookSAM's and late-phase SAM's schedules depend on the step count
 only, so the host reads the count once and then follows it without reading the
 device again while it is handed back the state it returned; the randomized
-schedule's draw is read from the device each step. :func:`sam_optax.adaptive_policy`
+schedule's draw is read from the device each step. :func:`sam_optax.ae_sam`
 decides from the current gradient and always uses ``lax.cond``.
 """
 
@@ -44,8 +44,9 @@ class Gate:
   part of the pytree structure, the decision is seen by every ``jax.jit`` cache.
 
   Example:
-    >>> import jax, sam_optax
-    >>> jax.tree.leaves(sam_optax.Gate(True)), sam_optax.Gate(True) == sam_optax.Gate(False)
+    >>> import jax
+    >>> from sam_optax._src.gating import Gate
+    >>> jax.tree.leaves(Gate(True)), Gate(True) == Gate(False)
     ([], False)
   """
   __slots__ = ("decision",)
@@ -82,7 +83,8 @@ def branch(gate: Gate, pred: jax.Array, true_fn: Callable, false_fn: Callable, *
   return jax.lax.cond(pred, true_fn, false_fn, *operands)
 
 
-def took_pass(count: jax.Array, fraction: jax.Array, took: jax.Array) -> tuple[jax.Array, jax.Array]:
+def took_pass(count: jax.Array, fraction: jax.Array,
+              took: jax.Array) -> tuple[jax.Array, jax.Array]:
   """``sam_step`` (1.0 if this step ran the second pass) and the running mean of it."""
   step = jnp.asarray(took).astype(jnp.float32)
   return step, fraction + (step - fraction) / (count.astype(jnp.float32) + 1.0)
@@ -90,7 +92,8 @@ def took_pass(count: jax.Array, fraction: jax.Array, took: jax.Array) -> tuple[j
 
 def is_gated(x: Any) -> bool:
   """A gated state: a NamedTuple with a ``gate`` field holding a :class:`Gate`."""
-  return isinstance(x, tuple) and isinstance(getattr(x, "gate", None), Gate) and hasattr(x, "_fields")
+  return (isinstance(x, tuple) and isinstance(getattr(x, "gate", None), Gate)
+          and hasattr(x, "_fields"))
 
 
 # Wrappers whose inner state may stay as it was on a call (a micro-batch, a skipped
@@ -103,7 +106,8 @@ def _find(tree: Any) -> list[tuple[Any, bool]]:
   found = []
 
   def visit(node, held):
-    for leaf in jax.tree_util.tree_leaves(node, is_leaf=lambda x: is_gated(x) or isinstance(x, _MAY_HOLD)):
+    stop = lambda x: is_gated(x) or isinstance(x, _MAY_HOLD)
+    for leaf in jax.tree_util.tree_leaves(node, is_leaf=stop):
       if is_gated(leaf):
         found.append((leaf, held))
         visit(tuple(leaf), held)
@@ -117,8 +121,8 @@ def _find(tree: Any) -> list[tuple[Any, bool]]:
 def _set_gates(tree: Any, decision: bool | None) -> Any:
   def put(x):
     if is_gated(x):
-      return x._replace(**{f: _set_gates(getattr(x, f), decision) for f in x._fields if f != "gate"},
-                        gate=Gate(decision))
+      inner = {f: _set_gates(getattr(x, f), decision) for f in x._fields if f != "gate"}
+      return x._replace(**inner, gate=Gate(decision))
     return x
   return jax.tree_util.tree_map(put, tree, is_leaf=is_gated)
 
@@ -157,7 +161,7 @@ def gated_jit(step: Callable, *, host_gating: bool | None = None, **jit_kwargs) 
   structure, which every ``jax.jit`` cache sees). The host reads LookSAM's and
   late-phase SAM's step count once and follows their schedules from then on
   while it is handed back the state it returned (it reads again after a restore,
-  or below ``MultiSteps``/``apply_if_finite``, whose inner state may hold);
+  or below ``MultiSteps``/``skip_if_nonfinite``, whose inner state may hold);
   the randomized schedule's draw is read each step. Elsewhere it is
   ``jax.jit(step, **jit_kwargs)`` with ``lax.cond`` inside the step. No gated
   state in the arguments: plain ``jax.jit``.

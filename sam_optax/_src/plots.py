@@ -66,13 +66,15 @@ def plot_landscape_2d(alphas, betas, losses, ax=None, *, levels: int = 30, log: 
 
 
 def plot_spectrum(spectrum: dict[str, Any], ax=None, *, label: str | None = None):
-  """Eigenvalue density from :func:`sam_optax.sharpness.hessian_spectrum` (log scale). Returns the axes.
+  """Eigenvalue density from :func:`sam_optax.sharpness.hessian_spectrum` (log scale). Returns the
+  axes.
 
   Example:
     >>> import jax.numpy as jnp, matplotlib
     >>> matplotlib.use("Agg")
     >>> from sam_optax import sharpness
-    >>> spec = sharpness.hessian_spectrum(lambda w: jnp.sum(jnp.arange(1.0, 5.0) * w ** 2), jnp.ones(4))
+    >>> loss = lambda w: jnp.sum(jnp.arange(1.0, 5.0) * w ** 2)
+    >>> spec = sharpness.hessian_spectrum(loss, jnp.ones(4))
     >>> ax = sharpness.plot_spectrum(spec, label="quadratic")
     >>> ax.get_xlabel(), ax.get_yscale()
     ('eigenvalue', 'log')

@@ -11,6 +11,7 @@ import numpy as np
 import optax
 
 from sam_optax._src import tree as tu
+from sam_optax._src.radius import RadiusState
 
 
 class Telemetry(NamedTuple):
@@ -18,7 +19,8 @@ class Telemetry(NamedTuple):
   :func:`sam_optax.metrics`).
 
   Attributes:
-    clean_grad_norm: :math:`\|g\|`, the norm of the incoming gradient.
+    clean_grad_norm: :math:`\|g\|`, the norm of the clean gradient, or None where the
+      method never sees it (MSAM takes its only gradient at the perturbed point).
     perturbation_norm: :math:`\|\epsilon\|`, the length of the step to the
       perturbed point (:math:`\rho` for SAM with a non-zero gradient).
     perturbed_grad_norm: :math:`\|g_{adv}\|`, the norm of the gradient at the
@@ -46,7 +48,7 @@ class Telemetry(NamedTuple):
     >>> state.telemetry.cosine is None   # SAM keeps no copy of g for it
     True
   """
-  clean_grad_norm: jax.Array
+  clean_grad_norm: jax.Array | None
   perturbation_norm: jax.Array
   perturbed_grad_norm: jax.Array
   cosine: jax.Array | None
@@ -61,37 +63,65 @@ FLOAT_FIELDS = ("clean_grad_norm", "perturbation_norm", "perturbed_grad_norm", "
                 "clean_loss", "perturbed_loss")
 
 
-def empty(cosine: bool = True) -> Telemetry:
+def empty(cosine: bool = True, clean_grad_norm: bool = True) -> Telemetry:
+  """The record before the first step; ``cosine``/``clean_grad_norm`` False: absent (None)."""
   # one buffer per field: a state holding the same array twice cannot be donated
   rec = Telemetry(*(jnp.zeros([], jnp.float32) for _ in FLOAT_FIELDS),
                   *(jnp.zeros([], jnp.int32) for _ in range(3)))
-  return rec if cosine else rec._replace(cosine=None)
+  return rec._replace(cosine=rec.cosine if cosine else None,
+                      clean_grad_norm=rec.clean_grad_norm if clean_grad_norm else None)
 
 
 def _f32(x: Any) -> jax.Array:
   return jnp.asarray(x).astype(jnp.float32)
 
 
-def _optional(x: Any) -> tuple[jax.Array, Any]:
-  # the flag is a numpy constant: inside the step's own trace it stays concrete, so a
-  # `metrics()` call in the same jitted step can leave out what was not recorded
+def _flag(present: bool, like: Any) -> Any:
+  """Whether an optional entry was recorded. Inside ``jit`` a numpy constant: it stays
+  concrete in the step's own trace, so a ``metrics()`` call there can leave out what was
+  not recorded. Outside ``jit`` an array typed and sharded like the state's flag
+  (``like``), so an eager step keeps ``jax.typeof`` of the state as ``init`` made it."""
+  if like is None or isinstance(like, jax.core.Tracer):
+    return np.asarray(int(present), np.int32)
+  return jnp.full_like(like, int(present))
+
+
+def _optional(x: Any, like: Any, like_flag: Any) -> tuple[jax.Array, Any]:
   if x is None:
-    return jnp.zeros([], jnp.float32), np.zeros([], np.int32)
-  return _f32(jnp.real(x)), np.ones([], np.int32)
+    zero = jnp.zeros([], jnp.float32) if like is None else jnp.zeros_like(like)
+    return zero, _flag(False, like_flag)
+  return _f32(jnp.real(x)), _flag(True, like_flag)
 
 
 def record(g: Any, g_adv: Any, *, perturbation_norm: Any, clean_loss: Any = None,
            perturbed_loss: Any = None, cosine: bool = False, misordered: Any = None,
-           eps: float = 1e-12, g_norm: Any = None) -> Telemetry:
-  """The telemetry of one step; a loss given as None is recorded as absent (0, flag 0);
-  ``g_norm``: ||g|| if already reduced (before the second pass, so g need not outlive it)."""
-  g_norm = tu.norm(g) if g_norm is None else g_norm
-  adv_norm = tu.norm(g_adv)
-  cos = _f32(tu.vdot(g, g_adv) * tu.safe_inverse(g_norm * adv_norm, eps * eps)) if cosine else None
-  (cl, has_cl), (pl, has_pl) = _optional(clean_loss), _optional(perturbed_loss)
+           eps: float = 1e-12, g_norm: Any = None, previous: Telemetry | None = None,
+           clean: bool = True, given: dict | None = None) -> Telemetry:
+  """The telemetry of one step.
+
+  A loss given as None is recorded as absent (0, flag 0). ``g_norm``: ||g|| if already
+  reduced (before the second pass, so g need not outlive it). ``previous``: the last
+  record (its flags' types are kept). ``clean=False``: the method has no clean gradient
+  (``clean_grad_norm`` and the cosine absent). ``given``: norms the method computed itself
+  (``clean_grad_norm``, ``perturbed_grad_norm``, ``cosine``), used instead of g and g_adv."""
+  given = given or {}
+  adv_norm = given["perturbed_grad_norm"] if "perturbed_grad_norm" in given else tu.norm(g_adv)
+  cos = None
+  if clean:
+    g_norm = given.get("clean_grad_norm", g_norm)
+    g_norm = tu.norm(g) if g_norm is None else g_norm
+    if cosine:
+      cos = (given["cosine"] if "cosine" in given else
+             tu.vdot(g, g_adv) * tu.safe_inverse(g_norm * adv_norm, eps * eps))
+      cos = _f32(cos)
+  else:
+    g_norm = None
+  last = lambda field: None if previous is None else getattr(previous, field)
+  (cl, has_cl) = _optional(clean_loss, last("clean_loss"), last("has_clean_loss"))
+  (pl, has_pl) = _optional(perturbed_loss, last("perturbed_loss"), last("has_perturbed_loss"))
   flag = jnp.zeros([], jnp.int32) if misordered is None else misordered.astype(jnp.int32)
-  return Telemetry(_f32(g_norm), _f32(perturbation_norm), _f32(adv_norm), cos, cl, pl,
-                   has_cl, has_pl, flag)
+  return Telemetry(None if g_norm is None else _f32(g_norm), _f32(perturbation_norm),
+                   _f32(adv_norm), cos, cl, pl, has_cl, has_pl, flag)
 
 
 def mean_over(rec: Telemetry, axis_name: Any) -> Telemetry:
@@ -105,7 +135,7 @@ def mean_over(rec: Telemetry, axis_name: Any) -> Telemetry:
 
 # ------------------------------------------------------------------- reading it
 
-_NORMS = ("clean_grad_norm", "perturbation_norm", "perturbed_grad_norm")
+_NORMS = ("clean_grad_norm", "perturbation_norm", "perturbed_grad_norm", "cosine")
 MISORDER_MESSAGE = (
     "`{fn}`: the incoming `updates` pointed away from the gradient at the perturbed point "
     "in the first steps, which is what happens when the sharpness-aware transformation is "
@@ -134,8 +164,8 @@ def _concrete_flag(flag: Any) -> bool:
   return not isinstance(flag, jax.core.Tracer) and bool(np.asarray(flag))
 
 
-def _is_schedule(x: Any) -> bool:
-  """A gated schedule's state: a NamedTuple that counts its second passes."""
+def is_gated(x: Any) -> bool:
+  """A gated method's state: a NamedTuple that counts its evaluating steps."""
   return isinstance(x, tuple) and "sam_step_fraction" in getattr(x, "_fields", ())
 
 
@@ -143,22 +173,24 @@ def metrics(opt_state: optax.OptState) -> dict[str, jax.Array]:
   r"""The sharpness-aware telemetry of the last step, found anywhere in an optimizer state.
 
   Searches ``opt_state`` (inside ``optax.chain``, ``inject_hyperparams``,
-  ``MultiSteps``, ``apply_if_finite``, ``masked``, nested chains, an
+  ``MultiSteps``, ``skip_if_nonfinite``, ``masked``, nested chains, an
   ``nnx.Optimizer``'s state, a restored checkpoint) and returns float32
   scalars:
 
-  * ``clean_grad_norm`` :math:`\|g\|`, ``perturbation_norm`` :math:`\|\epsilon\|`,
-    ``perturbed_grad_norm`` :math:`\|g_{adv}\|`, and ``cosine``
-    :math:`\cos(g, g_{adv})` where it was recorded (see :class:`Telemetry`);
+  * ``clean_grad_norm`` :math:`\|g\|` (where the method sees the clean gradient),
+    ``perturbation_norm`` :math:`\|\epsilon\|`, ``perturbed_grad_norm``
+    :math:`\|g_{adv}\|`, and ``cosine`` :math:`\cos(g, g_{adv})` where it was recorded
+    (see :class:`Telemetry`);
   * ``clean_loss`` :math:`L(w)`, ``perturbed_loss`` :math:`L(w+\epsilon)` and
     ``sharpness`` :math:`L(w+\epsilon) - L(w)` (SAM's one-step sharpness
     estimate), when the step received ``value=`` and ``value_and_grad_fn=``;
   * ``sam_step`` (1 if the last step ran the second pass) and
-    ``sam_step_fraction`` (its running mean) for the gated schedules
-    (:func:`looksam`, :func:`randomized`, :func:`adaptive_policy`,
-    :func:`late_phase`);
+    ``sam_step_fraction`` (its running mean) for the gated methods
+    (:func:`looksam`, :func:`randomized`, :func:`ae_sam`, :func:`late_phase`);
   * ``skipped_steps``, the number of non-finite steps an enclosing
-    ``apply_if_finite`` skipped (int32).
+    ``skip_if_nonfinite`` skipped (int32);
+  * ``rho``, the radius the last step used, and ``rho_signal``, what the rule measured
+    on it, under ``rho="auto"`` (see :func:`sam_optax.auto_rho`).
 
   Gated schedules report the norms and losses of the last step that ran the
   second pass. The first transformation found (outermost first) gives each
@@ -189,9 +221,8 @@ def metrics(opt_state: optax.OptState) -> dict[str, jax.Array]:
     >>> round(float(m["perturbation_norm"]), 4), round(float(m["sharpness"]), 4)
     (0.1, 0.3564)
   """
-  from sam_optax._src.methods.msam import MomentumSAMState
-  known = (Telemetry, MomentumSAMState, optax.ApplyIfFiniteState)
-  is_known = lambda x: isinstance(x, known) or _is_schedule(x)
+  known = (Telemetry, optax.ApplyIfFiniteState, RadiusState)
+  is_known = lambda x: isinstance(x, known) or is_gated(x)
   out: dict[str, jax.Array] = {}
   misordered = []
 
@@ -201,9 +232,8 @@ def metrics(opt_state: optax.OptState) -> dict[str, jax.Array]:
   def handle(node):
     if isinstance(node, Telemetry):
       for name in _NORMS:
-        put(name, getattr(node, name))
-      if node.cosine is not None:
-        put("cosine", node.cosine)
+        if getattr(node, name) is not None:
+          put(name, getattr(node, name))
       clean, pert = _present(node.has_clean_loss), _present(node.has_perturbed_loss)
       if clean:
         put("clean_loss", node.clean_loss)
@@ -214,12 +244,13 @@ def metrics(opt_state: optax.OptState) -> dict[str, jax.Array]:
       if _concrete_flag(node.misordered):
         misordered.append(True)
       return
-    if _is_schedule(node):
+    if isinstance(node, RadiusState):
+      put("rho", node.last)
+      put("rho_signal", node.signal)
+      return
+    if is_gated(node):
       put("sam_step", node.sam_step)
       put("sam_step_fraction", node.sam_step_fraction)
-    elif isinstance(node, MomentumSAMState):
-      put("perturbation_norm", node.perturbation_norm)
-      put("perturbed_grad_norm", node.perturbed_grad_norm)
     elif isinstance(node, optax.ApplyIfFiniteState):
       put("skipped_steps", jnp.asarray(_array(node.total_notfinite)))
     visit(tuple(node))

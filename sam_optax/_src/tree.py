@@ -123,6 +123,12 @@ def combine(a: PyTree, ca: jax.Array | float, b: PyTree, cb: jax.Array | float) 
   return jax.tree.map(lambda x, y: (ca * _acc(x) + cb * _acc(y)).astype(x.dtype), a, b)
 
 
+def conj(tree: PyTree) -> PyTree:
+  """The complex conjugate of the complex leaves: JAX's gradient of a real loss in complex
+  weights is the conjugate of the direction optax descends along."""
+  return jax.tree.map(lambda x: jnp.conj(x) if jnp.iscomplexobj(x) else x, tree)
+
+
 def zeros_like(tree: PyTree) -> PyTree:
   return jax.tree.map(jnp.zeros_like, tree)
 
@@ -144,7 +150,8 @@ def find_states(tree: PyTree, kind: type | tuple) -> list:
 
 
 def find_state(tree: PyTree, kind: type, fn: str, hint: str) -> Any:
-  """The first node of type ``kind`` in ``tree``; a ValueError naming ``fn`` and ``hint`` if none."""
+  """The first node of type ``kind`` in ``tree``; a ValueError naming ``fn`` and ``hint`` if
+  none."""
   found = find_states(tree, kind)
   if not found:
     raise ValueError(f"`{fn}`: no {kind.__name__} in the optimizer state; {hint}")

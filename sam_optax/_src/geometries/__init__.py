@@ -1,6 +1,12 @@
 """Perturbation geometries: the direction d of the step to the perturbed point w + rho d."""
 
-from sam_optax._src.geometries.base import Perturbation, direction_norm, make_perturbation, project, project_l2
+from sam_optax._src.geometries.base import (
+    Perturbation,
+    direction_norm,
+    make_perturbation,
+    project,
+    project_l2,
+)
 from sam_optax._src.geometries.basic import fisher, l2, linf, unnormalized
 from sam_optax._src.geometries.history import (
     FriendlyState,

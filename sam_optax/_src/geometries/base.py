@@ -1,15 +1,22 @@
 """What a perturbation geometry is, and the pieces every geometry shares.
 
-A perturbation is an :class:`optax.GradientTransformationExtraArgs` whose
-``update(g, state, params, **extra_args)`` returns the direction ``d`` (a pytree
-shaped like ``params``) and its new state; :func:`sam_optax.sharpness_aware`
-then evaluates the gradient at ``w + rho * d``. A geometry built with
-:func:`make_perturbation` also knows the projection onto its ball, which
-multi-step ascent uses: asked through ``update`` itself (the keyword
-``project_onto_radius=``), so the projection survives every wrapper that
-forwards extra arguments (``optax.inject_hyperparams``, :func:`masked`,
-``_replace``). A user-written perturbation without one is projected onto the L2
-ball.
+A geometry says, where it is defined (:func:`make_perturbation`), three things:
+
+* its **direction**: ``update(g, state, params, **extra_args) -> (d, state)``, the
+  direction ``d`` of the step to the perturbed point :math:`w + \\rho d` (a pytree
+  shaped like ``params``); this is the transformation's ``update``;
+* its **projection** onto its ball of a radius, which multi-step ascent uses (default:
+  the L2 ball);
+* the **norm** of its direction in closed form, where one exists (``‖g/‖g‖‖ = 1``),
+  so the telemetry need not reduce the perturbation itself (which would keep a
+  params-sized copy of it alive through the second pass).
+
+The result is an ordinary optax transformation (a :class:`Perturbation`). The engine
+asks a geometry for its projection and norm through that same ``update`` (one
+:class:`Request` in the keyword ``sam_optax_geometry``, answered by a :class:`Answer`),
+so both survive every wrapper that forwards extra arguments: ``optax.inject_hyperparams``,
+:func:`masked`, ``_replace``. A transformation that answers no request (a user's own
+``optax.GradientTransformation``) is projected onto the L2 ball and has no closed-form norm.
 """
 
 from __future__ import annotations
@@ -25,27 +32,28 @@ from sam_optax._src import tree as tu
 from sam_optax._src.validation import check_real
 
 PyTree = Any
-Projection = Callable[[PyTree, jax.Array, PyTree], PyTree]
-PROJECT = "project_onto_radius"
-NORM = "direction_norm_of"
+Projection = Callable[[PyTree, jax.Array, PyTree, Any], PyTree]
+Norm = Callable[[PyTree, PyTree], jax.Array]
+REQUEST = "sam_optax_geometry"
 
 
-class Projected(NamedTuple):
-  """What a geometry's ``update`` returns when asked for a projection."""
-  delta: PyTree
+class Request(NamedTuple):
+  """What the engine asks a geometry through ``update``: ``"project"`` (the input is a
+  perturbation; project it onto the ball of ``radius``) or ``"norm"`` (the input is g;
+  the norm of d(g) in closed form)."""
+  kind: str
+  radius: Any = None
 
 
-class DirectionNorm(NamedTuple):
-  """What a geometry's ``update`` returns when asked for ``||d(g)||`` in closed form."""
-  value: jax.Array
+class Answer(NamedTuple):
+  """A geometry's answer to a :class:`Request`: the projected perturbation, or the norm
+  (None: no closed form)."""
+  value: Any
 
 
 class Perturbation(optax.GradientTransformationExtraArgs):
-  """A perturbation transformation (``init``/``update``) that also projects onto its ball.
-
-  It is an ordinary :class:`optax.GradientTransformationExtraArgs`;
-  ``project(delta, radius, params)`` maps ``delta`` onto the ball of ``radius``
-  in the perturbation's own geometry.
+  """A perturbation geometry: an optax transformation whose ``update`` gives the direction,
+  which also projects onto its ball and knows its direction's norm where one exists.
 
   Example:
     >>> import jax.numpy as jnp, numpy as np, sam_optax
@@ -54,15 +62,32 @@ class Perturbation(optax.GradientTransformationExtraArgs):
     True
     >>> print(np.asarray(p.project(jnp.array([3.0, 4.0]), 1.0, None)))  # onto the unit ball
     [0.6 0.8]
+    >>> float(p.direction_norm(jnp.array([3.0, 4.0]), None))  # |g / |g|| = 1
+    1.0
   """
 
-  def project(self, delta: PyTree, radius: jax.Array, params: PyTree) -> PyTree:
-    return project(self, optax.EmptyState(), delta, radius, params)
+  def project(self, delta: PyTree, radius: jax.Array, params: PyTree,
+              state: Any = None) -> PyTree:
+    """``delta`` projected onto this geometry's ball of ``radius``."""
+    return project(self, optax.EmptyState() if state is None else state, delta, radius, params)
+
+  def direction_norm(self, g: PyTree, params: PyTree) -> jax.Array | None:
+    """``‖d(g)‖`` in closed form, or None where the geometry has none."""
+    return direction_norm(self, optax.EmptyState(), g, params)
 
 
-def make_perturbation(init: Callable, update: Callable, project: Projection | None = None
-                      ) -> Perturbation:
+def make_perturbation(init: Callable, update: Callable, project: Callable | None = None, *,
+                      norm: Norm | None = None, project_with_state: bool = False) -> Perturbation:
   """Builds a :class:`Perturbation` from its pure functions.
+
+  Args:
+    init: ``params -> state``.
+    update: the direction, ``(g, state, params=None, **extra_args) -> (d, state)``.
+    project: ``(delta, radius, params) -> delta`` onto the geometry's ball of ``radius``
+      (``project_with_state=True``: ``(delta, radius, params, state)``); default: the L2
+      ball.
+    norm: ``(g, params) -> ‖d(g)‖`` in closed form, where one exists.
+    project_with_state: the projection also takes the geometry's state.
 
   Example:
     >>> import jax, jax.numpy as jnp, numpy as np, optax, sam_optax
@@ -77,42 +102,44 @@ def make_perturbation(init: Callable, update: Callable, project: Projection | No
     >>> print(np.round(np.asarray(out), 4))   # 3 (w + 0.1 d)^2
     [ 3.1519 13.23  ]
   """
-  projection = project_l2 if project is None else project
-  return with_projection(init, update, lambda delta, radius, params, state: projection(delta, radius, params))
+  if project is None:
+    projection: Projection = lambda delta, radius, params, state: project_l2(delta, radius, params)
+  elif project_with_state:
+    projection = project
+  else:
+    projection = lambda delta, radius, params, state: project(delta, radius, params)
+
+  def answer_or_direction(updates, state, params=None, **extra_args):
+    request = extra_args.pop(REQUEST, None)
+    if request is None:
+      return update(updates, state, params, **extra_args)
+    if request.kind == "project":
+      return Answer(projection(updates, request.radius, params, state)), state
+    return Answer(None if norm is None else norm(updates, params)), state
+
+  return Perturbation(init, answer_or_direction)
 
 
-def with_projection(init: Callable, update: Callable, project: Callable,
-                    norm: Callable | None = None) -> Perturbation:
-  """A :class:`Perturbation` whose projection also sees its state:
-  ``project(delta, radius, params, state)``; ``norm(g, params)``, if given, is
-  ``||d(g)||`` in closed form (the telemetry then need not reduce the perturbation
-  itself, which would make XLA keep a params-sized copy of it)."""
-
-  def update_or_project(updates, state, params=None, **extra_args):
-    radius = extra_args.pop(PROJECT, None)
-    if radius is not None:
-      return Projected(project(updates, radius, params, state)), state
-    if extra_args.pop(NORM, None) is not None:
-      return (None if norm is None else DirectionNorm(norm(updates, params))), state
-    return update(updates, state, params, **extra_args)
-
-  return Perturbation(init, update_or_project)
+def _ask(perturbation: optax.GradientTransformation, state: Any, x: PyTree, params: PyTree,
+         request: Request) -> Any:
+  """The geometry's answer to ``request``, or None where it answers none."""
+  out, _ = optax.with_extra_args_support(perturbation).update(x, state, params,
+                                                              **{REQUEST: request})
+  return out.value if isinstance(out, Answer) else None
 
 
 def direction_norm(perturbation: optax.GradientTransformation, state: Any, g: PyTree,
                    params: PyTree) -> jax.Array | None:
   """``||d(g)||`` if the geometry knows it in closed form, else None."""
-  out, _ = optax.with_extra_args_support(perturbation).update(g, state, params, **{NORM: True})
-  return out.value if isinstance(out, DirectionNorm) else None
+  return _ask(perturbation, state, g, params, Request("norm"))
 
 
 def project(perturbation: optax.GradientTransformation, state: Any, delta: PyTree,
             radius: jax.Array, params: PyTree) -> PyTree:
   """``delta`` projected onto ``perturbation``'s ball of ``radius`` (the L2 ball for a
-  perturbation that declares none)."""
-  update = optax.with_extra_args_support(perturbation).update
-  out, _ = update(delta, state, params, **{PROJECT: radius})
-  return out.delta if isinstance(out, Projected) else project_l2(delta, radius, params)
+  transformation that declares none)."""
+  out = _ask(perturbation, state, delta, params, Request("project", radius))
+  return project_l2(delta, radius, params) if out is None else out
 
 
 def project_l2(delta: PyTree, radius: jax.Array, params: PyTree) -> PyTree:
@@ -143,7 +170,6 @@ def need_params(params: PyTree, fn: str) -> None:
 def stateless_init(params: PyTree) -> optax.EmptyState:
   del params
   return optax.EmptyState()
-
 
 
 def select_leaves(mask, params):

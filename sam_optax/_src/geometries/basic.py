@@ -9,7 +9,7 @@ import jax.numpy as jnp
 
 from sam_optax._src import tree as tu
 from sam_optax._src.geometries import base
-from sam_optax._src.geometries.base import Perturbation, make_perturbation, project_l2, stateless_init
+from sam_optax._src.geometries.base import Perturbation, make_perturbation, stateless_init
 
 PyTree = Any
 
@@ -48,8 +48,7 @@ def l2(eps: float = 1e-12) -> Perturbation:
 
   # ||d|| = ||g|| / ||g|| in closed form (1, or 0 for a zero gradient)
   norm = lambda g, params: tu.norm(g) * tu.safe_inverse(tu.norm(g), eps)
-  return base.with_projection(stateless_init, update,
-                              lambda delta, radius, params, state: project_l2(delta, radius, params), norm)
+  return make_perturbation(stateless_init, update, norm=norm)
 
 
 def unnormalized() -> Perturbation:
@@ -72,7 +71,7 @@ def unnormalized() -> Perturbation:
     del params, extra_args
     return updates, state
 
-  return make_perturbation(stateless_init, update, project_l2)
+  return make_perturbation(stateless_init, update)
 
 
 def _project_linf(delta, radius, params):
@@ -130,6 +129,7 @@ def fisher(eta: float = 1.0, eps: float = 1e-12) -> Perturbation:
     Aware Minimisation <https://arxiv.org/abs/2206.04920>`_, ICML 2022.
   """
   eta = base.check_nonneg("eta", eta, "fisher", "the paper uses eta=1.0.")
+  eps = base.check_nonneg("eps", eps, "fisher", "use a small positive value such as 1e-12")
 
   def update(updates, state, params=None, **extra_args):
     del params, extra_args
@@ -137,4 +137,4 @@ def fisher(eta: float = 1.0, eps: float = 1e-12) -> Perturbation:
     s = tu.safe_inverse(jnp.sqrt(jnp.maximum(tu.vdot(updates, f), 0.0)), eps)
     return tu.scale(f, s), state
 
-  return make_perturbation(stateless_init, update, project_l2)
+  return make_perturbation(stateless_init, update)

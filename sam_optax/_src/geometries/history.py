@@ -10,13 +10,14 @@ import optax
 
 from sam_optax._src import tree as tu
 from sam_optax._src.geometries import base
-from sam_optax._src.geometries.base import Perturbation, make_perturbation, project_l2
+from sam_optax._src.geometries.base import Perturbation, make_perturbation
 
 PyTree = Any
 
 
 def _empty_history(state: type):
-  """The init of a geometry with a memory: count 0 (no gradient seen yet) and a zero tree like params."""
+  """The init of a geometry with a memory: count 0 (no gradient seen yet) and a zero tree
+  like params."""
   return lambda params: state(jnp.zeros([], jnp.int32), tu.zeros_like(params))
 
 
@@ -67,6 +68,7 @@ def friendly(sigma: float = 1.0, decay: float = 0.9, eps: float = 1e-12) -> Pert
   """
   sigma = base.check_nonneg("sigma", sigma, "friendly", "the paper uses sigma=1.0.")
   decay = base.check_decay("decay", decay, "friendly")
+  eps = base.check_nonneg("eps", eps, "friendly", "use a small positive value such as 1e-12")
 
   def update(updates, state, params=None, **extra_args):
     del params, extra_args
@@ -78,7 +80,7 @@ def friendly(sigma: float = 1.0, decay: float = 0.9, eps: float = 1e-12) -> Pert
                                ).astype(m.dtype), updates, state.momentum)
     return tu.normalize(d, eps), FriendlyState(optax.safe_increment(state.count), new_m)
 
-  return make_perturbation(_empty_history(FriendlyState), update, project_l2)
+  return make_perturbation(_empty_history(FriendlyState), update)
 
 
 # ----------------------------------------------------------------- VaSSO
@@ -93,7 +95,8 @@ class VarianceSuppressedState(NamedTuple):
     >>> import jax.numpy as jnp, sam_optax
     >>> p = sam_optax.variance_suppressed()
     >>> d, state = p.update(jnp.array([3.0, 4.0]), p.init(jnp.zeros(2)))
-    >>> [round(float(x), 4) for x in d], state.direction.tolist()   # unit direction out, raw average kept
+    >>> # the unit direction out, the raw average kept
+    >>> [round(float(x), 4) for x in d], state.direction.tolist()
     ([0.6, 0.8], [3.0, 4.0])
   """
   count: jax.Array
@@ -120,6 +123,8 @@ def variance_suppressed(theta: float = 0.9, eps: float = 1e-12) -> Perturbation:
     Suppression <https://arxiv.org/abs/2309.15639>`_, NeurIPS 2023.
   """
   theta = base.check_unit("theta", theta, "variance_suppressed")
+  eps = base.check_nonneg("eps", eps, "variance_suppressed",
+                          "use a small positive value such as 1e-12")
 
   def update(updates, state, params=None, **extra_args):
     del params, extra_args
@@ -131,4 +136,4 @@ def variance_suppressed(theta: float = 0.9, eps: float = 1e-12) -> Perturbation:
     return (tu.normalize(new_d, eps),
             VarianceSuppressedState(optax.safe_increment(state.count), new_d))
 
-  return make_perturbation(_empty_history(VarianceSuppressedState), update, project_l2)
+  return make_perturbation(_empty_history(VarianceSuppressedState), update)

@@ -1,7 +1,9 @@
-"""Geometries from a metric on the loss: Monge-SAM's I + g gᵀ and Adam's diagonal (preconditioned SAM)."""
+"""Geometries from a metric on the loss: Monge-SAM's I + g gᵀ and Adam's diagonal
+(preconditioned SAM)."""
 
 from __future__ import annotations
 
+import warnings
 from typing import Any, NamedTuple
 
 import jax
@@ -10,7 +12,7 @@ import optax
 
 from sam_optax._src import tree as tu
 from sam_optax._src.geometries import base
-from sam_optax._src.geometries.base import Perturbation, make_perturbation, project_l2, stateless_init
+from sam_optax._src.geometries.base import Perturbation, make_perturbation, stateless_init
 
 PyTree = Any
 ADAM_STATE = "adam_state"
@@ -60,7 +62,7 @@ def monge(eps: float = 1e-12) -> Perturbation:
     n = tu.norm(updates)
     return tu.scale(updates, tu.safe_inverse(n, eps) * jax.lax.rsqrt(1.0 + n * n)), state
 
-  return make_perturbation(stateless_init, update, project_l2)
+  return make_perturbation(stateless_init, update)
 
 
 # ------------------------------------------------------------- preconditioned
@@ -104,15 +106,15 @@ def _adam_moments(extra_args: dict, params_like: PyTree) -> tuple[PyTree, jax.Ar
   return state.nu, state.count
 
 
-def preconditioned(b2: float = 0.999, eps: float = 1e-8, *, norm_eps: float = 1e-12,
-                   moments: str | None = None) -> Perturbation:
+def preconditioned(b2: float = 0.999, adam_eps: float = 1e-8, *, eps: float = 1e-12,
+                   moments: str | None = None, norm_eps: float | None = None) -> Perturbation:
   r"""Preconditioned SAM: the ascent step in Adam's diagonal geometry.
 
   With :math:`v_t = b_2 v_{t-1} + (1 - b_2)\, g_t^2` (:math:`v_0 = 0`), Adam's bias
   correction :math:`\hat v_t = v_t / (1 - b_2^t)` (t counts the updates, this one
   included) and
 
-  .. math:: u = \frac{g}{\sqrt{\hat v_t} + \epsilon_0},\qquad d = \frac{u}{\|u\|},
+  .. math:: u = \frac{g}{\sqrt{\hat v_t} + \epsilon_A},\qquad d = \frac{u}{\|u\|},
 
   ``sharpness_aware(rho, perturbation=preconditioned())`` evaluates at
   :math:`w + \rho\, d`. It composes with :func:`functional_sam` (the paper's best
@@ -133,16 +135,19 @@ def preconditioned(b2: float = 0.999, eps: float = 1e-8, *, norm_eps: float = 1e
 
   Args:
     b2: decay :math:`b_2 \in [0, 1)` of the squared-gradient EMA (Adam's ``b2``).
-    eps: :math:`\epsilon_0 \ge 0` added to :math:`\sqrt{\hat v}` (Adam's ``eps``).
-    norm_eps: norms of u at or below this count as zero (a zero gradient gives d = 0).
+    adam_eps: :math:`\epsilon_A \ge 0` added to :math:`\sqrt{\hat v}` (Adam's ``eps``).
+    eps: norms of u at or below this count as zero (a zero gradient gives d = 0), the
+      meaning ``eps`` has everywhere in sam_optax.
     moments: ``None`` (own EMA) or ``"adam"`` (the base Adam's, see above).
+    norm_eps: the earlier name of ``eps`` (deprecated; it warns and is removed in the
+      next release). Before this release ``eps`` was Adam's, now ``adam_eps``.
 
   Returns:
     A :class:`Perturbation` with state :class:`PreconditionedState`.
 
   Example:
     >>> import jax.numpy as jnp, sam_optax
-    >>> p = sam_optax.preconditioned(b2=0.5, eps=0.0)
+    >>> p = sam_optax.preconditioned(b2=0.5, adam_eps=0.0)
     >>> state = p.init(jnp.zeros(2))
     >>> _, state = p.update(jnp.array([2.0, 1.0]), state)   # v = [2, 0.5], v^ = [4, 1]
     >>> d, state = p.update(jnp.array([1.0, 1.0]), state)   # v = [1.5, 0.75], v^ = [2, 1]
@@ -155,9 +160,14 @@ def preconditioned(b2: float = 0.999, eps: float = 1e-8, *, norm_eps: float = 1e
     applicability of SAM <https://arxiv.org/abs/2502.02407>`_, ICML 2025.
   """
   fn = "preconditioned"
+  if norm_eps is not None:
+    warnings.warn("`preconditioned(norm_eps=...)` is deprecated and will be removed in the next "
+                  "release; pass `eps=` (the zero threshold of the norm, as everywhere in "
+                  "sam_optax); Adam's epsilon is `adam_eps=`.", DeprecationWarning, stacklevel=2)
+    eps = norm_eps
   b2 = base.check_decay("b2", b2, fn)
-  eps = base.check_nonneg("eps", eps, fn, "Adam's default is 1e-8.")
-  norm_eps = base.check_nonneg("norm_eps", norm_eps, fn, "use a small positive value such as 1e-12.")
+  adam_eps = base.check_nonneg("adam_eps", adam_eps, fn, "Adam's default is 1e-8.")
+  eps = base.check_nonneg("eps", eps, fn, "use a small positive value such as 1e-12.")
   if moments not in (None, "adam"):
     raise ValueError(f"`{fn}(moments=...)` must be None (keep an EMA of g^2 here) or \"adam\" "
                      f"(read the base Adam's `nu`, passed as `{ADAM_STATE}=`), got {moments!r}.")
@@ -179,11 +189,11 @@ def preconditioned(b2: float = 0.999, eps: float = 1e-8, *, norm_eps: float = 1e
       t, new_nu = count, nu
     t = jnp.asarray(t, jnp.float32)
     correction = jnp.where(t > 0, 1.0 - jnp.power(jnp.float32(b2), t), 1.0)
-    u = jax.tree.map(lambda g, v: _precondition(g, v, correction, eps), updates, nu)
-    d = tu.normalize(u, norm_eps)
+    u = jax.tree.map(lambda g, v: _precondition(g, v, correction, adam_eps), updates, nu)
+    d = tu.normalize(u, eps)
     return tu.cast_like(d, updates), PreconditionedState(count, new_nu)
 
-  return make_perturbation(init, update, project_l2)
+  return make_perturbation(init, update)
 
 
 def _precondition(g: jax.Array, v: jax.Array, correction: jax.Array, eps: float) -> jax.Array:

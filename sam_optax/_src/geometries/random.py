@@ -59,6 +59,7 @@ def stochastic(keep_prob: float = 0.5, seed: int = 0, eps: float = 1e-12) -> Per
   """
   keep_prob = base.check_unit("keep_prob", keep_prob, "stochastic")
   seed = check_int("seed", seed, "stochastic")
+  eps = base.check_nonneg("eps", eps, "stochastic", "use a small positive value such as 1e-12")
 
   def init(params):
     del params
@@ -136,6 +137,7 @@ def sparse(sparsity: float = 0.5, refresh_every: int = 100, decay: float = 0.9,
   sparsity = base.check_decay("sparsity", sparsity, "sparse")
   refresh_every = check_int("refresh_every", refresh_every, "sparse", minimum=1)
   decay = base.check_decay("decay", decay, "sparse")
+  eps = base.check_nonneg("eps", eps, "sparse", "use a small positive value such as 1e-12")
 
   def init(params):
     return SparseState(jnp.zeros([], jnp.int32),
@@ -178,7 +180,7 @@ def sparse(sparsity: float = 0.5, refresh_every: int = 100, decay: float = 0.9,
     return (tu.normalize(kept, eps),
             SparseState(optax.safe_increment(state.count), fisher_est, mask))
 
-  return make_perturbation(init, update, project_l2)
+  return make_perturbation(init, update)
 
 
 # ---------------------------------------------------------------- RWP
@@ -246,4 +248,4 @@ def random_weight(sigma: float = 0.015, seed: int = 0) -> Perturbation:
               ).astype(w.dtype) for i, w in enumerate(leaves)]
     return treedef.unflatten(noise), RandomWeightState(jax.random.key_data(key))
 
-  return make_perturbation(init, update, project_l2)
+  return make_perturbation(init, update)

@@ -1,4 +1,5 @@
-"""Geometries that rescale or restrict another: ASAM's adaptive ball, masks (SAM-ON, kernels only)."""
+"""Geometries that rescale or restrict another: ASAM's adaptive ball, masks (SAM-ON, kernels
+only)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import optax
 
 from sam_optax._src import tree as tu
 from sam_optax._src.geometries import base as geo_base
-from sam_optax._src.geometries.base import Perturbation, project, select_leaves, with_projection
+from sam_optax._src.geometries.base import Perturbation, make_perturbation, project, select_leaves
 from sam_optax._src.geometries.basic import l2
 
 PyTree = Any
@@ -76,7 +77,8 @@ def adaptive(eta: float = 0.01, *, base: optax.GradientTransformation | None = N
     flags = [True] * len(jax.tree.leaves(params)) if where is None else select_leaves(
         where, params)
     leaves, treedef = jax.tree.flatten(params)
-    return treedef.unflatten([(jnp.abs(w) + eta).astype(tu.real_dtype(w.dtype)) if f else jnp.ones_like(w)
+    scale = lambda w: (jnp.abs(w) + eta).astype(tu.real_dtype(w.dtype))
+    return treedef.unflatten([scale(w) if f else jnp.ones_like(w)
                               for w, f in zip(leaves, flags, strict=False)])
 
   def init(params):
@@ -96,7 +98,7 @@ def adaptive(eta: float = 0.01, *, base: optax.GradientTransformation | None = N
                      radius, params)
     return jax.tree.map(lambda x, s: x * s.astype(x.dtype), inside, t)
 
-  return with_projection(init, update, project_adaptive)
+  return make_perturbation(init, update, project_adaptive, project_with_state=True)
 
 
 # ------------------------------------------------------------------------ masked
@@ -169,7 +171,7 @@ def masked(perturbation: optax.GradientTransformation,
     return merge(project(perturbation, inner_state, split(delta, flags), radius, sub_params),
                  delta, flags)
 
-  return with_projection(init, update, project_masked)
+  return make_perturbation(init, update, project_masked, project_with_state=True)
 
 
 _NORM_MODULE = re.compile(r"(norm|^bn|_bn|bn\d|^ln|_ln|ln\d|^gn|_gn)", re.IGNORECASE)
@@ -234,7 +236,8 @@ def kernel_mask(params: PyTree) -> PyTree:
 
   Example:
     >>> import jax.numpy as jnp, sam_optax
-    >>> sam_optax.kernel_mask({"embed": {"embedding": jnp.ones((5, 2))}, "ln": {"scale": jnp.ones(2)}})
+    >>> params = {"embed": {"embedding": jnp.ones((5, 2))}, "ln": {"scale": jnp.ones(2)}}
+    >>> sam_optax.kernel_mask(params)
     {'embed': {'embedding': True}, 'ln': {'scale': False}}
     >>> sam_optax.kernel_mask([jnp.ones((2, 3)), jnp.zeros(3)])   # no names: rank >= 2 is a weight
     [True, False]

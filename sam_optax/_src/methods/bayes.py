@@ -12,6 +12,7 @@ import optax
 from sam_optax._src import engine
 from sam_optax._src import tree as tu
 from sam_optax._src.methods.universal import draw_noise
+from sam_optax._src.protocol import Method, Points, Result
 from sam_optax._src.telemetry import Telemetry
 from sam_optax._src.validation import check_int, check_real
 
@@ -141,11 +142,13 @@ def bsam(learning_rate: ScalarOrSchedule, *, rho: float = 0.01, num_data: int,
   """
   fn = "bsam"
   if not callable(learning_rate):
-    learning_rate = check_real("learning_rate", learning_rate, fn, low=0.0, hint="the paper uses 0.5")
+    learning_rate = check_real("learning_rate", learning_rate, fn, low=0.0,
+                               hint="the paper uses 0.5")
   rho = check_real("rho", rho, fn, low=0.0, hint="the paper uses 0.01")
   num_data = check_int("num_data", num_data, fn, minimum=1,
             hint="the number of training examples (times the augmentation factor)")
-  prior_precision = check_real("prior_precision", prior_precision, fn, low=0.0, hint="the paper uses 10")
+  prior_precision = check_real("prior_precision", prior_precision, fn, low=0.0,
+                               hint="the paper uses 10")
   for name, value in (("b1", b1), ("b2", b2)):
     check_real(name, value, fn, low=0.0, high=1.0, high_open=True)
   damping = check_real("damping", damping, fn, low=0.0, hint="the paper uses 0.1")
@@ -158,7 +161,8 @@ def bsam(learning_rate: ScalarOrSchedule, *, rho: float = 0.01, num_data: int,
     # *_like: the buffers take the params' sharding (a sharded weight gets sharded moments)
     return {"key": jax.random.key_data(jax.random.key(seed)),
             "momentum": jax.tree.map(lambda w: jnp.zeros_like(w, _buffer_dtype(w)), params),
-            "precision": jax.tree.map(lambda w: jnp.full_like(w, init_precision, _buffer_dtype(w)), params),
+            "precision": jax.tree.map(lambda w: jnp.full_like(w, init_precision, _buffer_dtype(w)),
+                                      params),
             "num_data": jnp.asarray(num_data, jnp.float32)}
 
   def points(s):
@@ -169,7 +173,7 @@ def bsam(learning_rate: ScalarOrSchedule, *, rho: float = 0.01, num_data: int,
                           s.params, e, s.state.precision)
     _, g = s.closures(sample)
     ascent = jax.tree.map(lambda gi, p: rho * gi / p, g, s.state.precision)
-    return engine.Points(tu.add_scaled(s.params, 1.0, ascent), delta=ascent, aux=g)
+    return Points(tu.add_scaled(s.params, 1.0, ascent), delta=ascent, aux=g)
 
   def combine(s, pts, loss_adv, g_adv):
     g, state, params = pts.aux, s.state, s.params
@@ -183,12 +187,11 @@ def bsam(learning_rate: ScalarOrSchedule, *, rho: float = 0.01, num_data: int,
     precision = jax.tree.map(
         lambda p, gi: b2 * p + (1 - b2) * (jnp.sqrt(p) * jnp.abs(gi) + damping + delta),
         state.precision, g)
-    return engine.Result(out, {"momentum": tu.cast_like(momentum, state.momentum),
-                               "precision": tu.cast_like(precision, state.precision), "num_data": n},
-                         clean_grad=g)
+    return Result(out, {"momentum": tu.cast_like(momentum, state.momentum),
+                        "precision": tu.cast_like(precision, state.precision), "num_data": n},
+                  clean_grad=g)
 
-  m = engine.Method(fn, BayesianSAMState, init, points, combine, clean_gradient=False,
-                    keeps_gradient=True)
+  m = Method(fn, BayesianSAMState, init, points, combine, clean_gradient=False, keeps_gradient=True)
   return engine.build(m)
 
 

@@ -9,11 +9,13 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from sam_optax._src import engine
+from sam_optax._src import engine, radius
 from sam_optax._src import geometries as geo
 from sam_optax._src import tree as tu
+from sam_optax._src.closures import describe_mismatch
 from sam_optax._src.methods import sam as sam_method
 from sam_optax._src.methods.sam import SharpnessAwareState
+from sam_optax._src.protocol import Method, Result
 from sam_optax._src.validation import check_real
 
 PyTree = Any
@@ -21,13 +23,6 @@ PyTree = Any
 # γB is an integer up to rounding (0.7 * 10 = 7.000000000000001); a fractional part
 # below this counts as rounding, so ⌈γB⌉ is not one too many.
 _ROUNDING = 1e-3
-
-
-# ESAM's state is SAM's: the step count, the perturbation's state (the PRNG key of the
-# default stochastic weight perturbation) and the telemetry, whose losses are batch
-# means at w and w + eps over the whole batch and whose perturbed_grad_norm is the
-# norm of the selected examples' gradient.
-ESAMState = SharpnessAwareState
 
 
 def num_selected(gamma: Any, batch_size: int) -> Any:
@@ -46,7 +41,7 @@ def top_mask(scores: jax.Array, k: Any) -> jax.Array:
   return (rank < k).astype(jnp.float32)
 
 
-def esam(rho: engine.ScalarOrSchedule = 0.05, gamma: float = 0.5, *,
+def esam(rho: radius.Rho = 0.05, gamma: float = 0.5, *,
          perturbation: optax.GradientTransformation | None = None, seed: int = 0,
          eps: float = 1e-12, telemetry: bool | str = True, subset: bool = True,
          axis_name: str | tuple[str, ...] | None = None) -> optax.GradientTransformationExtraArgs:
@@ -80,11 +75,11 @@ def esam(rho: engine.ScalarOrSchedule = 0.05, gamma: float = 0.5, *,
     example in the backward pass: exact, the same dropout masks and batch
     statistics as the full batch, but as costly as SAM's second pass.
 
-  The keywords of the first release still work: ``per_example_loss_fn(params)``,
-  or ``per_example_loss_fn(params, batch)`` with ``batch=``.
-
-  ``example_losses=`` (the :math:`l_i(w)` the caller's clean pass already
-  computed, e.g. as ``has_aux`` output) saves the forward at :math:`w`.
+  ``Objective(..., clean_losses=...)`` (the :math:`l_i(w)` the caller's clean pass
+  already computed, e.g. as ``has_aux`` output) saves the forward at :math:`w`. The state
+  is SAM's (:class:`SharpnessAwareState`); its telemetry's losses are batch means at
+  :math:`w` and :math:`w + \epsilon` over the whole batch, its ``perturbed_grad_norm`` the
+  norm of the selected examples' gradient.
 
   Args:
     rho: radius :math:`\rho`, a float or a schedule (the paper: 0.05).
@@ -104,9 +99,9 @@ def esam(rho: engine.ScalarOrSchedule = 0.05, gamma: float = 0.5, *,
 
   Returns:
     An :class:`optax.GradientTransformationExtraArgs` whose ``update(updates,
-    state, params, *, objective, example_losses=None, **extra_args)`` returns
-    the selected examples' gradient at the perturbed point; put it first in a
-    chain, before the base optimizer.
+    state, params, *, objective, **extra_args)`` returns the selected examples'
+    gradient at the perturbed point; put it first in a chain, before the base
+    optimizer.
 
   Example:
     >>> import jax, jax.numpy as jnp, optax, sam_optax
@@ -120,8 +115,9 @@ def esam(rho: engine.ScalarOrSchedule = 0.05, gamma: float = 0.5, *,
     ... def step(w, state):
     ...   losses, vjp = jax.vjp(lambda p: per_example_loss(p, (x, y)), w)
     ...   grads, = vjp(jnp.ones_like(losses) / losses.size)      # clean gradient
-    ...   updates, state = opt.update(grads, state, w, per_example_loss_fn=per_example_loss,
-    ...                               batch=(x, y), example_losses=losses)
+    ...   objective = sam_optax.Objective(per_example_loss, lambda out, b: out, (x, y),
+    ...                                   clean_losses=losses)
+    ...   updates, state = opt.update(grads, state, w, objective=objective)
     ...   return optax.apply_updates(w, updates), state
     >>> w, state = step(w, state)
     >>> w.shape
@@ -133,19 +129,15 @@ def esam(rho: engine.ScalarOrSchedule = 0.05, gamma: float = 0.5, *,
     <https://arxiv.org/abs/2110.03141>`_, ICLR 2022.
   """
   fn = "esam"
-  rho = engine.check_rho(rho, fn)
+  rho = radius.check_rho(rho, fn)
   gamma = check_real("gamma", gamma, fn, low=0.0, high=1.0, low_open=True,
                      hint="the fraction of the batch kept for the second pass; the paper uses 0.5")
   eps, perturbation, ascent = sam_method.check_geometry(
       fn, eps, axis_name, perturbation, telemetry=telemetry,
       default=lambda eps: geo.stochastic(0.6, seed=seed, eps=eps))
 
-  def points(s):
-    pts = ascent(s)
-    return pts._replace(point=None, aux=pts.point)  # combine evaluates at the point itself
-
   def combine(s, pts, loss, grad):
-    objective, point, name = s.closures.objective, pts.aux, s.fn
+    objective, point, name = s.closures.objective, pts.point, s.fn
 
     def per_example(p, obj=objective):
       out = jnp.asarray(obj.example_losses(p))
@@ -154,7 +146,7 @@ def esam(rho: engine.ScalarOrSchedule = 0.05, gamma: float = 0.5, *,
                          f"example), got shape {out.shape}; return the terms before the mean.")
       return out.astype(jnp.float32)
 
-    given = s.extra_args.get("example_losses")
+    given = objective.clean_losses
     clean = per_example(s.params) if given is None else jnp.asarray(given).astype(jnp.float32)
     k = num_selected(gamma, clean.shape[0])
     if subset and objective.batch is not None and not isinstance(k, jax.Array):
@@ -166,14 +158,15 @@ def esam(rho: engine.ScalarOrSchedule = 0.05, gamma: float = 0.5, *,
       # one forward at w + eps for the scores and the gradient; unselected examples get weight 0
       perturbed, vjp = jax.vjp(per_example, point)
       (g_adv,) = vjp(top_mask(perturbed - clean, k) / jnp.asarray(k, jnp.float32))
-    engine.describe_mismatch(g_adv, s.params, "the gradient of the per-example losses", name)
+    describe_mismatch(g_adv, s.params, "the gradient of the per-example losses", name)
     # JAX's gradient of a real loss in complex weights is the conjugate of the ascent
     # direction; the gradients optax descends along (and the caller's `updates`) are not
     g_adv = tu.cast_like(jax.tree.map(lambda x: jnp.conj(x) if jnp.iscomplexobj(x) else x, g_adv),
                          s.updates)
-    return engine.Result(g_adv, loss=jnp.mean(perturbed),
-                         clean_loss=jnp.mean(clean) if s.value is None else None)
+    return Result(g_adv, loss=jnp.mean(perturbed),
+                  clean_loss=jnp.mean(clean) if s.value is None else None)
 
-  m = engine.Method(fn, ESAMState, lambda params: {"perturbation_state": perturbation.init(params)},
-                    points, combine, needs="objective")
+  m = Method(fn, SharpnessAwareState,
+             lambda params: {"perturbation_state": perturbation.init(params)},
+             ascent, combine, closure="objective", evaluates="method")
   return engine.build(m, rho=rho, eps=eps, axis_name=axis_name, telemetry=telemetry)

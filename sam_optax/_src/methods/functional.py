@@ -1,4 +1,5 @@
-"""Functional-SAM: the model's Jacobian at the perturbed point, the loss derivative at the clean one."""
+"""Functional-SAM: the model's Jacobian at the perturbed point, the loss derivative at the clean
+one."""
 
 from __future__ import annotations
 
@@ -8,25 +9,28 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from sam_optax._src import engine
+from sam_optax._src import engine, radius
 from sam_optax._src import tree as tu
+from sam_optax._src.closures import describe_mismatch
 from sam_optax._src.methods import sam as sam_method
+from sam_optax._src.protocol import Method, Result
 from sam_optax._src.telemetry import Telemetry
 
 PyTree = Any
-OUTPUTS = "model_outputs"
 
 
 class FunctionalSAMState(NamedTuple):
   """State of :func:`functional_sam`: the step count, the perturbation's state and the telemetry
-  (its perturbed loss is :math:`\\frac1B\\sum_i \\ell_i(F(w+\\epsilon))`, from the forward of the VJP).
+  (its perturbed loss is :math:`\\frac1B\\sum_i \\ell_i(F(w+\\epsilon))`, from the forward of the
+  VJP).
 
   Example:
     >>> import jax, jax.numpy as jnp, sam_optax
     >>> obj = sam_optax.Objective(lambda w, b: b @ w, lambda out, b: out ** 2, jnp.eye(2))
     >>> w, tx = jnp.array([1.0, 2.0]), sam_optax.functional_sam(0.05)
     >>> _, state = tx.update(jax.grad(obj.loss)(w), tx.init(w), w, objective=obj)
-    >>> int(state.telemetry.has_clean_loss), int(state.telemetry.has_perturbed_loss)   # no value= needed
+    >>> # both losses recorded, no value= needed
+    >>> int(state.telemetry.has_clean_loss), int(state.telemetry.has_perturbed_loss)
     (1, 1)
   """
   count: jax.Array
@@ -38,7 +42,7 @@ def _conj(tree: PyTree) -> PyTree:
   return jax.tree.map(lambda x: jnp.conj(x) if jnp.iscomplexobj(x) else x, tree)
 
 
-def functional_sam(rho: engine.ScalarOrSchedule = 0.05, *,
+def functional_sam(rho: radius.Rho = 0.05, *,
                    perturbation: optax.GradientTransformation | None = None, eps: float = 1e-12,
                    axis_name: str | tuple[str, ...] | None = None
                    ) -> optax.GradientTransformationExtraArgs:
@@ -54,12 +58,13 @@ def functional_sam(rho: engine.ScalarOrSchedule = 0.05, *,
 
   (default :math:`d(g) = g/\|g\|`; any geometry, e.g. :func:`preconditioned`, the paper's
   best combination). It costs a forward at :math:`w` (no backward; skipped when the
-  caller passes its clean outputs as ``model_outputs=``) and one forward-backward at
-  :math:`w + \epsilon`, as SAM's second pass. It needs the model and the loss apart: pass
-  an :class:`Objective` (``apply_fn(params, batch) -> outputs``, ``loss_fn(outputs, batch)
-  -> (B,)`` losses). With the earlier keyword ``per_example_loss_fn=`` the "outputs" are the
-  losses themselves and the rule is SAM's. For complex params the output is conjugated
-  like the gradients optax descends along (JAX's gradient of a real loss is the conjugate).
+  objective carries the clean pass's outputs, ``Objective(..., clean_outputs=...)``) and
+  one forward-backward at :math:`w + \epsilon`, as SAM's second pass. It needs the model
+  and the loss apart: pass an :class:`Objective` (``apply_fn(params, batch) -> outputs``,
+  ``loss_fn(outputs, batch) -> (B,)`` losses). With an objective whose "outputs" are the
+  per-example losses themselves the rule is SAM's. For complex params the output is
+  conjugated like the gradients optax descends along (JAX's gradient of a real loss is the
+  conjugate).
 
   Args:
     rho: radius :math:`\rho \ge 0`, a float or a schedule.
@@ -70,8 +75,8 @@ def functional_sam(rho: engine.ScalarOrSchedule = 0.05, *,
 
   Returns:
     An :class:`optax.GradientTransformationExtraArgs` whose ``update(updates, state, params,
-    *, objective, model_outputs=None)`` returns the Functional-SAM gradient; put it first in
-    the chain, before the base optimizer.
+    *, objective)`` returns the Functional-SAM gradient; put it first in the chain, before
+    the base optimizer.
 
   Example:
     >>> import jax, jax.numpy as jnp, optax, sam_optax
@@ -93,12 +98,8 @@ def functional_sam(rho: engine.ScalarOrSchedule = 0.05, *,
     applicability of SAM <https://arxiv.org/abs/2502.02407>`_, ICML 2025.
   """
   fn = "functional_sam"
-  rho = engine.check_rho(rho, fn)
+  rho = radius.check_rho(rho, fn)
   eps, perturbation, ascent = sam_method.check_geometry(fn, eps, axis_name, perturbation)
-
-  def points(s):
-    pts = ascent(s)
-    return pts._replace(point=None, aux=pts.point)   # combine takes the VJP at the point itself
 
   def combine(s, pts, loss, grad):
     obj, name = s.closures.objective, s.fn
@@ -110,19 +111,20 @@ def functional_sam(rho: engine.ScalarOrSchedule = 0.05, *,
                          f"(a vector), got shape {losses.shape}; return the terms before the mean.")
       return jnp.mean(losses.astype(jnp.float32))
 
-    clean = s.extra_args.get(OUTPUTS)
+    clean = obj.clean_outputs
     clean = jax.lax.stop_gradient(obj.outputs(s.params) if clean is None else clean)
     clean_loss, cotangent = jax.value_and_grad(mean_loss)(clean)
-    perturbed, vjp = jax.vjp(obj.outputs, pts.aux)
+    perturbed, vjp = jax.vjp(obj.outputs, pts.point)
     if jax.tree.structure(perturbed) != jax.tree.structure(clean):
-      raise ValueError(f"`{name}`: `{OUTPUTS}=` must have the structure of `apply_fn(params, "
-                       "batch)`; pass the clean pass's model outputs (e.g. the logits).")
+      raise ValueError(f"`{name}`: `Objective(clean_outputs=...)` must have the structure of "
+                       "`apply_fn(params, batch)`; pass the clean pass's model outputs (e.g. the "
+                       "logits).")
     (g_out,) = vjp(tu.cast_like(cotangent, perturbed))
-    engine.describe_mismatch(g_out, s.params, "the VJP of `apply_fn`", name)
-    return engine.Result(tu.cast_like(_conj(g_out), s.updates), loss=mean_loss(perturbed),
-                         clean_loss=clean_loss if s.value is None else None)
+    describe_mismatch(g_out, s.params, "the VJP of `apply_fn`", name)
+    return Result(tu.cast_like(_conj(g_out), s.updates), loss=mean_loss(perturbed),
+                  clean_loss=clean_loss if s.value is None else None)
 
-  m = engine.Method(fn, FunctionalSAMState,
-                    lambda params: {"perturbation_state": perturbation.init(params)},
-                    points, combine, needs="objective")
+  m = Method(fn, FunctionalSAMState,
+             lambda params: {"perturbation_state": perturbation.init(params)},
+             ascent, combine, closure="objective", evaluates="method")
   return engine.build(m, rho=rho, eps=eps, axis_name=axis_name)

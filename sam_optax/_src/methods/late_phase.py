@@ -1,4 +1,5 @@
-"""Late-phase SAM: plain gradient steps first, the sharpness-aware transformation from a given step on."""
+"""Late-phase SAM: plain gradient steps first, the sharpness-aware transformation from a given
+step on."""
 
 from __future__ import annotations
 
@@ -8,7 +9,9 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from sam_optax._src import engine, gating
+from sam_optax._src import gating
+from sam_optax._src.distributed import check_axis_name
+from sam_optax._src.methods.wrapper import schedule
 from sam_optax._src.validation import check_int, check_transform
 
 
@@ -38,7 +41,8 @@ class LatePhaseState(NamedTuple):
   gate: gating.Gate = gating.Gate()
 
   host_plan = gating.count_plan("start_step", lambda count, start: count >= start,
-                                "The schedule as the host follows it: ``transform`` from ``start_step`` on.")
+                                "The schedule as the host follows it: ``transform`` from "
+                                "``start_step`` on.")
 
 
 def late_phase(transform: optax.GradientTransformation, start_step: int, *,
@@ -76,7 +80,8 @@ def late_phase(transform: optax.GradientTransformation, start_step: int, *,
     >>> for _ in range(2):   # step 0: plain, step 1: SAM
     ...   out, state = tx.update(g, state, w, grad_fn=grad_fn)
     ...   outs.append(out)
-    >>> bool(jnp.array_equal(outs[0], g)), bool(jnp.allclose(outs[1], grad_fn(w + 0.05 * g / jnp.linalg.norm(g))))
+    >>> sam = grad_fn(w + 0.05 * g / jnp.linalg.norm(g))
+    >>> bool(jnp.array_equal(outs[0], g)), bool(jnp.allclose(outs[1], sam))
     (True, True)
     >>> int(state.inner.count)   # the wrapped transform counted only the step it ran
     1
@@ -92,7 +97,7 @@ def late_phase(transform: optax.GradientTransformation, start_step: int, *,
   check_transform("transform", transform, fn)
   start_step = check_int("start_step", start_step, fn, minimum=0,
                          hint="the first step (from 0) that runs `transform`, e.g. 7/8 of training")
-  engine.check_axis_name(axis_name, fn)
+  check_axis_name(axis_name, fn)
 
   def init(params):
     del params
@@ -102,4 +107,4 @@ def late_phase(transform: optax.GradientTransformation, start_step: int, *,
     del updates
     return state.count >= state.start_step, {}
 
-  return engine.schedule(fn, transform, LatePhaseState, init, decide, axis_name=axis_name)
+  return schedule(fn, transform, LatePhaseState, init, decide, axis_name=axis_name)

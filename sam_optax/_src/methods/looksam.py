@@ -8,9 +8,10 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from sam_optax._src import engine, gating
+from sam_optax._src import engine, gating, radius
 from sam_optax._src import tree as tu
 from sam_optax._src.methods import sam as sam_method
+from sam_optax._src.protocol import Gating, Method, Result
 from sam_optax._src.telemetry import Telemetry
 from sam_optax._src.validation import check_int, check_real
 
@@ -50,10 +51,11 @@ class LookSAMState(NamedTuple):
   gate: gating.Gate = gating.Gate()
 
   host_plan = gating.count_plan("period", lambda count, period: count % period == 0,
-                                "The schedule as the host follows it: SAM steps where the count is a multiple of k.")
+                                "The schedule as the host follows it: SAM steps where the count "
+                                "is a multiple of k.")
 
 
-def looksam(rho: engine.ScalarOrSchedule = 0.05, k: int = 5, alpha: float = 0.7, *,
+def looksam(rho: radius.Rho = 0.05, k: int = 5, alpha: float = 0.7, *,
             perturbation: optax.GradientTransformation | None = None, eps: float = 1e-12,
             axis_name: str | tuple[str, ...] | None = None
             ) -> optax.GradientTransformationExtraArgs:
@@ -93,30 +95,28 @@ def looksam(rho: engine.ScalarOrSchedule = 0.05, k: int = 5, alpha: float = 0.7,
     Minimization <https://arxiv.org/abs/2203.02714>`_, CVPR 2022.
   """
   fn = "looksam"
-  rho = engine.check_rho(rho, fn)
+  rho = radius.check_rho(rho, fn)
   k = check_int("k", k, fn, minimum=1, hint="the paper uses 5")
   alpha = check_real("alpha", alpha, fn, low=0.0, hint="the paper uses 0.7")
   eps, perturbation, ascent = sam_method.check_geometry(fn, eps, axis_name, perturbation)
 
   def init(params):
-    return {"g_v": tu.zeros_like(params), "g_v_norm": jnp.zeros([], tu.reduction_dtype(params)),
-            "period": jnp.asarray(k, jnp.int32), "sam_step": jnp.zeros([], jnp.float32),
-            "sam_step_fraction": jnp.zeros([], jnp.float32)}
+    return {"perturbation_state": perturbation.init(params), "g_v": tu.zeros_like(params),
+            "g_v_norm": jnp.zeros([], tu.reduction_dtype(params)),
+            "period": jnp.asarray(k, jnp.int32)}
 
   def combine(s, pts, loss, g_s):
     g_s = tu.cast_like(g_s, s.updates)
     coef = tu.vdot(g_s, s.updates) * tu.safe_inverse(tu.sq_norm(s.updates), eps * eps)
     g_v = tu.cast_like(tu.add_scaled(g_s, -coef, s.updates), s.state.g_v)
-    return engine.Result(g_s, {"g_v": g_v, "g_v_norm": tu.norm(g_v)})
+    return Result(g_s, {"g_v": g_v, "g_v_norm": tu.norm(g_v)})
 
   def reuse(s):
     ratio = tu.norm(s.updates) * tu.safe_inverse(s.state.g_v_norm, eps)
     out = tu.add_scaled(s.updates, alpha * ratio, s.state.g_v)
-    return engine.Result(out, {"perturbation_state": s.state.perturbation_state, "g_v": s.state.g_v,
-                               "g_v_norm": s.state.g_v_norm})
+    return Result(out, {"perturbation_state": s.state.perturbation_state, "g_v": s.state.g_v,
+                        "g_v_norm": s.state.g_v_norm})
 
-  m = engine.Method(fn, LookSAMState,
-                    lambda params: {"perturbation_state": perturbation.init(params), **init(params)},
-                    ascent, combine, keeps_gradient=True,
-                    gate=lambda s: s.state.count % s.state.period == 0, skip=reuse)
+  every_kth = Gating(lambda s: (s.state.count % s.state.period == 0, {}), reuse)
+  m = Method(fn, LookSAMState, init, ascent, combine, keeps_gradient=True, gating=every_kth)
   return engine.build(m, rho=rho, eps=eps, axis_name=axis_name)

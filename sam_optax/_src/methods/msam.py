@@ -8,8 +8,11 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from sam_optax._src import engine
+from sam_optax._src import engine, radius
 from sam_optax._src import tree as tu
+from sam_optax._src.protocol import ABSENT, Method, Points, Result
+from sam_optax._src.telemetry import Telemetry
+from sam_optax._src.validation import check_real
 
 PyTree = Any
 _MOMENTUM_FIELDS = ("trace", "mu")
@@ -20,10 +23,11 @@ class MomentumSAMState(NamedTuple):
 
   The parameters the caller holds are the perturbed ones, :math:`\\tilde w =
   w - \\rho\\, v/\\|v\\|` with ``v`` the momentum found in ``base``; use
-  :func:`msam_clean_params` for the clean ones. ``momentum_norm`` is in the
-  params' reduction dtype; ``perturbation_norm`` (the length of the perturbation
-  the last gradient was taken at) and ``perturbed_grad_norm`` (that gradient's
-  norm) are float32 telemetry.
+  :func:`msam_clean_params` (or :func:`clean_params`) for the clean ones.
+  ``momentum_norm`` is in the params' reduction dtype. The telemetry holds the length
+  of the perturbation the last gradient was taken at (``perturbation_norm``), that
+  gradient's norm (``perturbed_grad_norm``) and the caller's loss as the perturbed loss
+  (it is taken at the perturbed point); the clean gradient and loss are never seen.
 
   Example:
     >>> import jax.numpy as jnp, optax, sam_optax
@@ -35,8 +39,13 @@ class MomentumSAMState(NamedTuple):
   base: optax.OptState
   rho: jax.Array
   momentum_norm: jax.Array
-  perturbation_norm: jax.Array
-  perturbed_grad_norm: jax.Array
+  telemetry: Telemetry | None = None
+
+  def clean_params(self, params: PyTree) -> PyTree:
+    """The clean parameters :math:`w = \\tilde w - \\epsilon` (see :func:`msam_clean_params`)."""
+    v = momentum_of(self.base, params)
+    e = tu.scale(v, -self.rho * tu.safe_inverse(self.momentum_norm, 1e-12))
+    return jax.tree.map(lambda p, x: (p - x).astype(p.dtype), params, e)
 
 
 def momentum_of(base_state: Any, params: PyTree) -> PyTree | None:
@@ -94,8 +103,10 @@ def msam(base_optimizer: optax.GradientTransformation, rho: float = 0.3, *,
   if callable(rho):
     raise TypeError("`msam(rho=...)` must be a float: the parameters are kept perturbed by the "
                     "previous step's radius, so a schedule would leave them off the clean point "
-                    "by the difference; use a constant rho (the paper uses 0.3 with SGD, 1 with AdamW).")
-  rho = engine.check_rho(rho, fn)
+                    "by the difference; use a constant rho (the paper uses 0.3 with SGD, 1 with "
+                    "AdamW).")
+  rho = radius.check_rho(rho, fn)
+  eps = check_real("eps", eps, fn, low=0.0, hint="use a small positive value such as 1e-12")
   base = optax.with_extra_args_support(base_optimizer)
 
   def momentum(base_state, params):
@@ -112,10 +123,13 @@ def msam(base_optimizer: optax.GradientTransformation, rho: float = 0.3, *,
 
   def init(params):
     base_state = base_optimizer.init(params)
-    zero = lambda: jnp.zeros([], jnp.float32)
     return {"base": base_state, "rho": jnp.asarray(rho, jnp.float32),
-            "momentum_norm": tu.norm(momentum(base_state, params)),
-            "perturbation_norm": zero(), "perturbed_grad_norm": zero()}
+            "momentum_norm": tu.norm(momentum(base_state, params))}
+
+  def points(s):
+    # the length of the perturbation this step's gradient was taken at (no evaluation here)
+    live = s.state.momentum_norm > eps
+    return Points(perturbation_norm=jnp.where(live, jnp.abs(jnp.asarray(rho, jnp.float32)), 0.0))
 
   def combine(s, pts, loss, grad):
     state, params, updates = s.state, s.params, s.updates
@@ -127,13 +141,12 @@ def msam(base_optimizer: optax.GradientTransformation, rho: float = 0.3, *,
     v_norm = tu.norm(v_next)
     eps_next = eps_of(v_next, params, v_norm)
     out = jax.tree.map(lambda a, e0, e1: (a - e0 + e1).astype(a.dtype), u, eps_now, eps_next)
-    pert_norm = jnp.where(state.momentum_norm > eps, jnp.abs(jnp.asarray(rho, jnp.float32)), 0.0)
-    return engine.Result(out, {"base": base_state, "momentum_norm": v_norm,
-                               "perturbation_norm": pert_norm.astype(jnp.float32),
-                               "perturbed_grad_norm": tu.norm(updates).astype(jnp.float32)})
+    # the caller's gradient and loss are taken at the perturbed point; the clean ones never
+    return Result(out, {"base": base_state, "momentum_norm": v_norm}, grad=updates, loss=s.value,
+                  clean_loss=ABSENT)
 
-  m = engine.Method(fn, MomentumSAMState, init, lambda s: engine.Points(), combine, needs="nothing",
-                    clean_gradient=False)
+  m = Method(fn, MomentumSAMState, init, points, combine, closure="none", evaluates="method",
+             clean_gradient=False, reports_g=False)
   return engine.build(m, eps=eps)
 
 
@@ -160,6 +173,4 @@ def msam_clean_params(params: PyTree, opt_state: optax.OptState) -> PyTree:
   """
   state = tu.find_state(opt_state, MomentumSAMState, "msam_clean_params",
                        "pass the state of an optimizer built with `sam_optax.msam`.")
-  v = momentum_of(state.base, params)
-  e = tu.scale(v, -state.rho * tu.safe_inverse(state.momentum_norm, 1e-12))
-  return jax.tree.map(lambda p, x: (p - x).astype(p.dtype), params, e)
+  return state.clean_params(params)

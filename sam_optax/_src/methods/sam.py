@@ -9,9 +9,12 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from sam_optax._src import engine
+from sam_optax._src import engine, radius
 from sam_optax._src import geometries as geo
 from sam_optax._src import tree as tu
+from sam_optax._src.distributed import check_axis_name
+from sam_optax._src.methods import groups
+from sam_optax._src.protocol import Method, Points, Step, perturbed_gradient
 from sam_optax._src.telemetry import Telemetry
 from sam_optax._src.validation import check_real, check_static_int
 
@@ -28,6 +31,8 @@ class SharpnessAwareState(NamedTuple):
       PRNG keys, masks; ``EmptyState`` for stateless ones).
     telemetry: a :class:`Telemetry` of the last step (``None`` when built with
       ``telemetry=False``).
+    radius: the ``rho="auto"`` rule's :class:`~sam_optax.RadiusState` (``None`` for a
+      fixed radius or a schedule).
 
   Example:
     >>> import jax.numpy as jnp, sam_optax
@@ -38,6 +43,7 @@ class SharpnessAwareState(NamedTuple):
   count: jax.Array
   perturbation_state: optax.OptState
   telemetry: Telemetry | None = None
+  radius: radius.RadiusState | None = None
 
 
 def check_perturbation(perturbation: Any, eps: float, fn: str) -> optax.GradientTransformation:
@@ -56,7 +62,8 @@ def check_eps(eps: Any, fn: str) -> float:
 _UNCHECKED = object()  # telemetry= not passed: the method has no such argument, nothing to check
 
 
-def check_geometry(fn: str, eps: Any, axis_name: Any, perturbation: Any, *, telemetry: Any = _UNCHECKED,
+def check_geometry(fn: str, eps: Any, axis_name: Any, perturbation: Any, *,
+                   telemetry: Any = _UNCHECKED,
                    default: Callable[[float], Any] | None = None) -> tuple:
   """The checks a method that perturbs along a geometry shares, in the order their errors
   are raised: ``eps``, ``axis_name``, ``telemetry`` (when given), ``perturbation`` (None:
@@ -64,7 +71,7 @@ def check_geometry(fn: str, eps: Any, axis_name: Any, perturbation: Any, *, tele
   the last its one-step :func:`ascent`; ``rho`` and the method's own arguments are checked
   by the caller first, so each error keeps its place."""
   eps = check_eps(eps, fn)
-  engine.check_axis_name(axis_name, fn)
+  check_axis_name(axis_name, fn)
   if telemetry is not _UNCHECKED:
     engine.check_telemetry(telemetry, fn)
   if perturbation is None and default is not None:
@@ -84,7 +91,7 @@ def ascent(perturbation: optax.GradientTransformation, ascent_steps: int = 1):
   """
   p_update = optax.with_extra_args_support(perturbation).update
 
-  def points(s: engine.Step) -> engine.Points:
+  def points(s: Step) -> Points:
     direction, p_state = p_update(s.updates, s.state.perturbation_state, s.params, **s.extra_args)
     if ascent_steps == 1:
       delta = tu.scale(direction, s.radius)
@@ -100,31 +107,35 @@ def ascent(perturbation: optax.GradientTransformation, ascent_steps: int = 1):
       for _ in range(ascent_steps - 1):
         _, g = s.closures(tu.add_scaled(s.params, 1.0, delta))
         d, p_state = p_update(g, p_state, s.params, **s.extra_args)
-        delta = geo.project(perturbation, p_state, tu.add_scaled(delta, step, d), s.radius, s.params)
+        delta = geo.project(perturbation, p_state, tu.add_scaled(delta, step, d), s.radius,
+                            s.params)
       pert_norm = tu.norm(delta)
-    return engine.Points(tu.add_scaled(s.params, 1.0, delta), perturbation_norm=pert_norm,
-                         fields={"perturbation_state": p_state})
+    return Points(tu.add_scaled(s.params, 1.0, delta), perturbation_norm=pert_norm,
+                  fields={"perturbation_state": p_state})
 
   return points
 
 
 def method(name: str, perturbation: Any, eps: float, *, ascent_steps: int = 1,
-           combine=engine.perturbed_gradient, state: type = SharpnessAwareState,
-           keeps_gradient: bool = False, **kwargs) -> engine.Method:
-  """A :class:`engine.Method` that perturbs along ``perturbation`` and combines with ``combine``."""
+           combine=perturbed_gradient, state: type = SharpnessAwareState,
+           keeps_gradient: bool = False, **kwargs) -> Method:
+  """A :class:`~sam_optax._src.protocol.Method` that perturbs along ``perturbation`` and
+  combines with ``combine``."""
   perturbation = check_perturbation(perturbation, eps, name)
-  return engine.Method(name, state, lambda params: {"perturbation_state": perturbation.init(params)},
-                       ascent(perturbation, ascent_steps), combine,
-                       keeps_gradient=keeps_gradient, **kwargs)
+  return Method(name, state, lambda params: {"perturbation_state": perturbation.init(params)},
+                ascent(perturbation, ascent_steps), combine, keeps_gradient=keeps_gradient,
+                **kwargs)
 
 
 def sharpness_aware(
-    rho: engine.ScalarOrSchedule = 0.05, *,
+    rho: radius.Rho = 0.05, *,
     perturbation: optax.GradientTransformation | None = None,
     eps: float = 1e-12,
     ascent_steps: int | None = None,
     axis_name: str | tuple[str, ...] | None = None,
     telemetry: bool | str = True,
+    group_size: int | None = None,
+    group_chunk: int | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Sharpness-aware gradient: replaces g by the gradient at a perturbed point.
 
@@ -140,8 +151,10 @@ def sharpness_aware(
   closure: ``tx.update(grads, state, params, grad_fn=grad_fn)``.
 
   Args:
-    rho: radius :math:`\rho \ge 0` of the neighbourhood, a float or a schedule
-      ``count -> rho``. ``rho = 0`` returns ``grad_fn(w)`` exactly.
+    rho: radius :math:`\rho \ge 0` of the neighbourhood, a float, a schedule
+      ``count -> rho``, or ``"auto"`` (:func:`auto_rho`: the radius follows the measured
+      one-step sharpness; ``update`` then needs ``value=`` and ``value_and_grad_fn=`` or
+      ``objective=``). ``rho = 0`` returns ``grad_fn(w)`` exactly.
     perturbation: a transformation mapping g (with params) to the direction
       ``d``; default ``l2(eps)``. See :func:`adaptive`, :func:`masked` and the
       other geometries.
@@ -159,6 +172,16 @@ def sharpness_aware(
       ``"full"`` also records :math:`\cos(g, g_{adv})`, which keeps g alive
       through the second pass (a params-sized buffer); ``False`` records nothing
       (and does not check the chain order).
+    group_size: m-sharpness on one device: ``m`` splits the batch of ``objective=``
+      (required) into groups of m examples along its leading axis; group k gets its own
+      :math:`\epsilon_k = \rho\, d(\nabla L_k(w))` and the output is the mean of
+      :math:`\nabla L_k(w + \epsilon_k)` (Foret et al. 2021, Section 4). ``updates`` is
+      then not read, so under ``jit`` the caller's clean backward pass is dropped. The
+      batch size must be a multiple of m; the geometry must be stateless (l2, adaptive,
+      masked, ...). ``None``: SAM on the whole batch (bit for bit the same as before).
+    group_chunk: with ``group_size``, process this many groups at a time in a
+      ``lax.scan`` (memory: ``group_chunk`` per-group gradients instead of all
+      ``B/m``); None: all groups in one ``vmap``.
 
   Returns:
     An :class:`optax.GradientTransformationExtraArgs` whose ``update`` takes
@@ -189,20 +212,27 @@ def sharpness_aware(
     ICLR 2021.
   """
   fn = "sharpness_aware"
-  rho = engine.check_rho(rho, fn)
+  rho = radius.check_rho(rho, fn, auto=0.05)
   eps = check_eps(eps, fn)
   # None means 1: a default of None keeps `optax.inject_hyperparams(sharpness_aware)`
   # from turning this structural int into a traced hyperparameter.
   ascent_steps = int(check_static_int("ascent_steps", 1 if ascent_steps is None else ascent_steps,
                                       fn, hint="1 is SAM"))
-  engine.check_axis_name(axis_name, fn)
+  check_axis_name(axis_name, fn)
   engine.check_telemetry(telemetry, fn)
+  group_size, group_chunk = groups.check_group_size(group_size, group_chunk, ascent_steps, fn)
+  if group_size is not None:
+    perturbation = check_perturbation(perturbation, eps, fn)
+    grouped = groups.method(fn, perturbation, SharpnessAwareState, group_size, group_chunk,
+                            record_cosine=telemetry == "full")
+    return engine.build(grouped, rho=rho, eps=eps, axis_name=axis_name, telemetry=telemetry)
   return engine.build(method(fn, perturbation, eps, ascent_steps=ascent_steps), rho=rho, eps=eps,
                       axis_name=axis_name, telemetry=telemetry)
 
 
-def sam(base_optimizer: optax.GradientTransformation, rho: engine.ScalarOrSchedule = 0.05, *,
-        ascent_steps: int | None = None, axis_name: str | tuple[str, ...] | None = None
+def sam(base_optimizer: optax.GradientTransformation, rho: radius.Rho = 0.05, *,
+        ascent_steps: int | None = None, axis_name: str | tuple[str, ...] | None = None,
+        group_size: int | None = None, group_chunk: int | None = None
         ) -> optax.GradientTransformationExtraArgs:
   r"""SAM: ``optax.chain(sharpness_aware(rho), base_optimizer)``.
 
@@ -215,9 +245,10 @@ def sam(base_optimizer: optax.GradientTransformation, rho: engine.ScalarOrSchedu
 
   Args:
     base_optimizer: the optimizer that consumes the perturbed gradient.
-    rho: radius (float or schedule).
+    rho: radius (float, schedule or ``"auto"``).
     ascent_steps: gradient evaluations per step (None: 1, SAM).
     axis_name: per-device perturbation (see :func:`sharpness_aware`).
+    group_size, group_chunk: m-sharpness on one device (see :func:`sharpness_aware`).
 
   Example:
     >>> import optax, sam_optax
@@ -227,14 +258,15 @@ def sam(base_optimizer: optax.GradientTransformation, rho: engine.ScalarOrSchedu
     Foret et al., `Sharpness-Aware Minimization for Efficiently Improving
     Generalization <https://arxiv.org/abs/2010.01412>`_, ICLR 2021.
   """
-  return optax.chain(sharpness_aware(rho, ascent_steps=ascent_steps, axis_name=axis_name),
+  return optax.chain(sharpness_aware(rho, ascent_steps=ascent_steps, axis_name=axis_name,
+                                     group_size=group_size, group_chunk=group_chunk),
                      base_optimizer)
 
 
-def asam(base_optimizer: optax.GradientTransformation, rho: engine.ScalarOrSchedule = 0.5,
+def asam(base_optimizer: optax.GradientTransformation, rho: radius.Rho = 0.5,
          eta: float = 0.01, *, kernels_only: bool = False,
-         axis_name: str | tuple[str, ...] | None = None
-         ) -> optax.GradientTransformationExtraArgs:
+         axis_name: str | tuple[str, ...] | None = None, group_size: int | None = None,
+         group_chunk: int | None = None) -> optax.GradientTransformationExtraArgs:
   r"""ASAM: ``optax.chain(sharpness_aware(rho, perturbation=adaptive(eta)), base_optimizer)``.
 
   :math:`\epsilon = \rho\, T^2 \odot g / \|T \odot g\|`, :math:`T = |w| + \eta`.
@@ -258,5 +290,7 @@ def asam(base_optimizer: optax.GradientTransformation, rho: engine.ScalarOrSched
     <https://arxiv.org/abs/2102.11600>`_, ICML 2021.
   """
   perturbation = geo.adaptive(eta, where=geo.kernel_mask if kernels_only else None)
-  return optax.chain(sharpness_aware(rho, perturbation=perturbation, axis_name=axis_name),
+  rho = radius.check_rho(rho, "asam", auto=0.5)   # "auto" starts at ASAM's own radius
+  return optax.chain(sharpness_aware(rho, perturbation=perturbation, axis_name=axis_name,
+                                     group_size=group_size, group_chunk=group_chunk),
                      base_optimizer)

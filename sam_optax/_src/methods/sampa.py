@@ -8,8 +8,9 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from sam_optax._src import engine
+from sam_optax._src import engine, radius
 from sam_optax._src import tree as tu
+from sam_optax._src.protocol import Method, Points, Result
 from sam_optax._src.telemetry import Telemetry
 from sam_optax._src.validation import check_real, check_transform
 
@@ -56,11 +57,12 @@ def _mesh_axis_of(mesh: Any, mesh_axis: str | None) -> str:
   size = dict(mesh.shape)[mesh_axis]
   if size != 2:
     raise ValueError(f"`sampa`: the mesh axis {mesh_axis!r} has size {size}; SAMPa evaluates two "
-                     "points, so it needs an axis of size 2 (e.g. `jax.make_mesh((2,), ('pair',))`).")
+                     "points, so it needs an axis of size 2 (e.g. "
+                     "`jax.make_mesh((2,), ('pair',))`).")
   return mesh_axis
 
 
-def sampa(base_optimizer: optax.GradientTransformation, rho: engine.ScalarOrSchedule = 0.1,
+def sampa(base_optimizer: optax.GradientTransformation, rho: radius.Rho = 0.1,
           lam: float = 0.2, *, mesh: jax.sharding.Mesh | None = None, mesh_axis: str | None = None,
           vectorize: bool = True, eps: float = 1e-12, telemetry: bool = True
           ) -> optax.GradientTransformationExtraArgs:
@@ -85,7 +87,7 @@ def sampa(base_optimizer: optax.GradientTransformation, rho: engine.ScalarOrSche
   on two devices. The clean gradient :math:`\nabla f(x_t)` is never used: the
   values of ``updates`` are ignored (pass anything shaped like the params, e.g.
   the params themselves), so a train step need not compute it (see
-  :func:`sam_optax.flax_training.make_linen_sampa_train_step`). With an SGD base
+  :func:`sam_optax.flax.make_linen_sampa_train_step`). With an SGD base
   :math:`y_{t+1} = x_t - \eta\nabla f(y_t)`; with momentum and weight decay the
   would-be step includes them, as in the authors' code. :math:`\lambda = 0`
   keeps the perturbation (:math:`\nabla f(y_{t+1})` is still computed and
@@ -147,7 +149,7 @@ def sampa(base_optimizer: optax.GradientTransformation, rho: engine.ScalarOrSche
   """
   fn = "sampa"
   check_transform("base_optimizer", base_optimizer, fn)
-  rho = engine.check_rho(rho, fn)
+  rho = radius.check_rho(rho, fn)
   lam = check_real("lam", lam, fn, low=0.0, high=1.0, hint="the paper uses 0.2")
   eps = check_real("eps", eps, fn, low=0.0)
   engine.check_telemetry(telemetry, fn)
@@ -167,17 +169,18 @@ def sampa(base_optimizer: optax.GradientTransformation, rho: engine.ScalarOrSche
     would_be, _ = base.update(s.state.y_grad, s.state.base, s.params, **s.base_args)
     y_next = optax.apply_updates(s.params, would_be)
     stacked = jax.tree.map(lambda x, y: jnp.stack([x, y.astype(x.dtype)]), x_tilde, y_next)
-    return engine.Points(stacked, how, perturbation_norm=jnp.where(y_norm > eps, jnp.abs(s.radius), 0.0),
+    return Points(stacked, how, perturbation_norm=jnp.where(y_norm > eps, jnp.abs(s.radius), 0.0),
                          mesh=mesh, mesh_axis=axis)
 
   def combine(s, pts, losses, grads):
     g_tilde, g_y = jax.tree.map(lambda x: x[0], grads), jax.tree.map(lambda x: x[1], grads)
     w = jnp.asarray(lam, jnp.float32)
     mixed = tu.combine(g_tilde, 1.0 - w, g_y, w)
-    out, base_state = base.update(tu.cast_like(mixed, s.updates), s.state.base, s.params, **s.base_args)
-    return engine.Result(out, {"base": base_state, "y_grad": tu.cast_like(g_y, s.state.y_grad)},
-                         grad=g_tilde, loss=None if losses is None else losses[0],
-                         clean_grad=s.state.y_grad)
+    out, base_state = base.update(tu.cast_like(mixed, s.updates), s.state.base, s.params,
+                                  **s.base_args)
+    return Result(out, {"base": base_state, "y_grad": tu.cast_like(g_y, s.state.y_grad)},
+                  grad=g_tilde, loss=None if losses is None else losses[0],
+                  clean_grad=s.state.y_grad)
 
-  m = engine.Method(fn, SAMPaState, init, points, combine, clean_gradient=False, keeps_gradient=True)
+  m = Method(fn, SAMPaState, init, points, combine, clean_gradient=False, keeps_gradient=True)
   return engine.build(m, rho=rho, eps=eps, telemetry=telemetry)

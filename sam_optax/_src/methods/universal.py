@@ -25,10 +25,12 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
-from sam_optax._src import engine
+from sam_optax._src import engine, radius
 from sam_optax._src import tree as tu
+from sam_optax._src.protocol import Method, Points, Result
 from sam_optax._src.telemetry import Telemetry
 from sam_optax._src.validation import check_int, check_real, check_static_int
 
@@ -116,7 +118,7 @@ def _universal(fn: str, rule: Callable, *, rho: Any, num_samples: int, seed: Any
     z = draw_noise(s.state.key, s.state.count, s.params, num_samples, kind, h)
     eps = jax.vmap(lambda e: tu.scale(e, s.radius))(z)
     pts = jax.vmap(lambda e: tu.add_scaled(s.params, 1.0, e))(eps)
-    return engine.Points(pts, "vmap", perturbation_norm=jnp.mean(jax.vmap(tu.norm)(eps)))
+    return Points(pts, "vmap", perturbation_norm=jnp.mean(jax.vmap(tu.norm)(eps)))
 
   def combine(s, pts, losses, grads):
     clean_loss = s.value
@@ -125,17 +127,17 @@ def _universal(fn: str, rule: Callable, *, rho: Any, num_samples: int, seed: Any
       # the backward pass and this costs one forward pass
       clean_loss, _ = s.closures(s.params)
     out = rule(s.updates, losses, grads, clean_loss, s.radius)
-    return engine.Result(out, grad=_mean_over_samples(grads),
-                         loss=None if losses is None else jnp.mean(losses))
+    return Result(out, grad=_mean_over_samples(grads),
+                  loss=None if losses is None else jnp.mean(losses))
 
   init = lambda params: {"key": jax.random.key_data(jax.random.key(seed))}
-  m = engine.Method(fn, UniversalSAMState, init, points, combine,
-                    needs="loss" if needs_loss else "gradient", keeps_gradient=keeps_gradient)
+  m = Method(fn, UniversalSAMState, init, points, combine,
+             closure="loss" if needs_loss else "gradient", keeps_gradient=keeps_gradient)
   return engine.build(m, rho=rho)
 
 
 def _check_common(fn: str, rho: Any, num_samples: Any, seed: Any, minimum: int = 1) -> tuple:
-  rho = engine.check_rho(rho, fn)
+  rho = radius.check_rho(rho, fn)
   num_samples = check_static_int("num_samples", num_samples, fn, minimum=minimum,
                    hint="the samples are evaluated in one vmapped call of the closure")
   seed = check_int("seed", seed, fn)
@@ -145,7 +147,7 @@ def _check_common(fn: str, rho: Any, num_samples: Any, seed: Any, minimum: int =
 # ------------------------------------------------------------------- Trace
 
 
-def trace_sam(rho: engine.ScalarOrSchedule = 0.01, num_samples: int = 1, seed: int = 0, *,
+def trace_sam(rho: radius.Rho = 0.01, num_samples: int = 1, seed: int = 0, *,
               distribution: str = "normal") -> optax.GradientTransformationExtraArgs:
   r"""Trace-SAM: the mean gradient at isotropically perturbed points.
 
@@ -222,7 +224,7 @@ def trace_sam(rho: engine.ScalarOrSchedule = 0.01, num_samples: int = 1, seed: i
 # -------------------------------------------------------------------- Frob
 
 
-def frob_sam(rho: engine.ScalarOrSchedule = 0.005, lam: float = 0.005, num_samples: int = 2,
+def frob_sam(rho: radius.Rho = 0.005, lam: float = 0.005, num_samples: int = 2,
              seed: int = 0) -> optax.GradientTransformationExtraArgs:
   r"""Frob-SAM: the clean gradient plus a loss-gradient covariance at random points.
 
@@ -290,7 +292,7 @@ def frob_sam(rho: engine.ScalarOrSchedule = 0.005, lam: float = 0.005, num_sampl
 # --------------------------------------------------------------------- Det
 
 
-def det_sam(rho: engine.ScalarOrSchedule = 1.0, lam: float = 1.0, h: float = 0.01,
+def det_sam(rho: radius.Rho = 1.0, lam: float = 1.0, h: float = 0.01,
             num_samples: int = 1, seed: int = 0) -> optax.GradientTransformationExtraArgs:
   r"""Det-SAM: the universal-class instance whose sharpness is the Hessian's determinant.
 
@@ -362,10 +364,14 @@ def det_sam(rho: engine.ScalarOrSchedule = 1.0, lam: float = 1.0, h: float = 0.0
     delta = (losses.astype(dtype) - jnp.asarray(clean_loss).astype(dtype)) * inv_r2
     log_psi = -0.5 * delta
     log_x = jax.nn.logsumexp(log_psi) - jnp.log(jnp.asarray(n, dtype))
-    coef = jnp.exp(log_psi - 3.0 * log_x) / n  # psi(D_i) / (n X^3)
+    # psi(D_i) / (n X^3); capped where every perturbed loss is far above the clean one (a
+    # half-width h far beyond the paper's), so that the huge weight stays finite
+    cap = 0.5 * float(np.log(np.finfo(dtype).max))
+    coef = jnp.exp(jnp.minimum(log_psi - 3.0 * log_x, cap)) / n
     weighted = _weighted_sum(coef, grads, g)
     return tu.add_scaled(tu.add_scaled(g, lam * inv_r2, weighted),
                          -lam * inv_r2 * jnp.sum(coef), g)
 
-  return _universal(fn, rule, rho=rho, num_samples=n, seed=seed, kind="uniform", h=h, needs_loss=True,
+  return _universal(fn, rule, rho=rho, num_samples=n, seed=seed, kind="uniform", h=h,
+                    needs_loss=True,
                     needs_clean_loss=True)

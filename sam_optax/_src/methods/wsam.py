@@ -1,4 +1,4 @@
-"""Rules on SAM's two gradients: weighted sharpness (WSAM) and the renormalized gradient (StableSAM)."""
+"""WSAM: sharpness as a weighted regularizer, coupled (first in the chain) or decoupled."""
 
 from __future__ import annotations
 
@@ -8,13 +8,12 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from sam_optax._src import engine
+from sam_optax._src import engine, radius
 from sam_optax._src import tree as tu
 from sam_optax._src.methods import sam as sam_method
+from sam_optax._src.protocol import Method, Result
 from sam_optax._src.telemetry import Telemetry
 from sam_optax._src.validation import check_real, check_transform
-
-PyTree = Any
 
 
 class WSAMState(NamedTuple):
@@ -31,21 +30,7 @@ class WSAMState(NamedTuple):
   count: jax.Array
   perturbation_state: optax.OptState
   telemetry: Telemetry | None = None
-  base: optax.OptState = None
-
-
-class StableSAMState(NamedTuple):
-  """State of :func:`stable_sam`: the step count, the perturbation's state and the telemetry.
-
-  Example:
-    >>> import jax.numpy as jnp, sam_optax
-    >>> state = sam_optax.stable_sam(0.05, perturbation=sam_optax.stochastic(seed=0)).init(jnp.ones(2))
-    >>> type(state.perturbation_state).__name__   # a random geometry keeps its PRNG key here
-    'StochasticState'
-  """
-  count: jax.Array
-  perturbation_state: optax.OptState
-  telemetry: Telemetry | None = None
+  base: optax.OptState | None = None
 
 
 def _check_gamma(gamma: Any, fn: str) -> Any:
@@ -59,7 +44,7 @@ def _weight(gamma: Any) -> jax.Array:
   return gamma / (1.0 - gamma)
 
 
-def wsam(rho: engine.ScalarOrSchedule = 0.05, gamma: float = 0.9, *,
+def wsam(rho: radius.Rho = 0.05, gamma: float = 0.9, *,
          perturbation: optax.GradientTransformation | None = None, eps: float = 1e-12,
          axis_name: str | tuple[str, ...] | None = None) -> optax.GradientTransformationExtraArgs:
   r"""WSAM: sharpness as a weighted regularizer, the coupled form (first in the chain).
@@ -108,8 +93,8 @@ def wsam(rho: engine.ScalarOrSchedule = 0.05, gamma: float = 0.9, *,
 
 
 def wsam_optimizer(base_optimizer: optax.GradientTransformation,
-                   rho: engine.ScalarOrSchedule = 0.05, gamma: float = 0.9, *,
-                   decoupled: bool = False, learning_rate: engine.ScalarOrSchedule | None = None,
+                   rho: radius.Rho = 0.05, gamma: float = 0.9, *,
+                   decoupled: bool = False, learning_rate: radius.Rho | None = None,
                    perturbation: optax.GradientTransformation | None = None, eps: float = 1e-12,
                    axis_name: str | tuple[str, ...] | None = None
                    ) -> optax.GradientTransformationExtraArgs:
@@ -182,7 +167,7 @@ def wsam_optimizer(base_optimizer: optax.GradientTransformation,
 
 
 def _wsam(fn, rho, gamma, base_optimizer, learning_rate, perturbation, eps, axis_name):
-  rho = engine.check_rho(rho, fn)
+  rho = radius.check_rho(rho, fn)
   gamma = _check_gamma(gamma, fn)
   eps, perturbation, ascent = sam_method.check_geometry(fn, eps, axis_name, perturbation)
   base = None if base_optimizer is None else optax.with_extra_args_support(base_optimizer)
@@ -194,67 +179,13 @@ def _wsam(fn, rho, gamma, base_optimizer, learning_rate, perturbation, eps, axis
   def combine(s, pts, loss, g_tilde):
     c = _weight(gamma)
     if base is None:  # c g~ + (1 - c) g: g~ exactly at c = 1
-      return engine.Result(tu.combine(g_tilde, c, s.updates, jnp.float32(1.0) - c))
+      return Result(tu.combine(g_tilde, c, s.updates, jnp.float32(1.0) - c))
     out, base_state = base.update(s.pmean(s.updates), s.state.base, s.params, **s.base_args)
-    lr = engine.schedule_at(learning_rate, s.state.count)
+    assert learning_rate is not None  # the decoupled form checked it at construction
+    lr = radius.at(learning_rate, s.state.count)
     sharp = tu.combine(g_tilde, -lr * c, s.updates, lr * c)   # -lr c (g~ - g)
-    return engine.Result(tu.add_scaled(out, 1.0, tu.cast_like(sharp, out)), {"base": base_state},
+    return Result(tu.add_scaled(out, 1.0, tu.cast_like(sharp, out)), {"base": base_state},
                          grad=g_tilde)
 
-  m = engine.Method(fn, WSAMState, init, ascent, combine, keeps_gradient=True)
-  return engine.build(m, rho=rho, eps=eps, axis_name=axis_name)
-
-
-def stable_sam(rho: engine.ScalarOrSchedule = 0.05, *,
-               perturbation: optax.GradientTransformation | None = None, eps: float = 1e-12,
-               axis_name: str | tuple[str, ...] | None = None
-               ) -> optax.GradientTransformationExtraArgs:
-  r"""StableSAM: SAM's gradient renormalized to the clean gradient's norm.
-
-  .. math:: \tilde g = \nabla L(w + \rho\, d(g)),\qquad
-            \text{output} = \tilde g\, \frac{\|g\|}{\|\tilde g\|}
-
-  so the step has SGD's length and SAM's direction, which the paper shows widens the
-  range of stable learning rates. A zero :math:`\tilde g` gives a zero output (no NaN).
-  :math:`\|g\|` is taken before the second pass, so g need not stay alive through it.
-  Put it first in the chain, as :func:`sharpness_aware`.
-
-  Args:
-    rho: radius :math:`\rho \ge 0`, a float or a schedule.
-    perturbation: the ascent geometry (default :func:`l2`).
-    eps: norms at or below this count as zero.
-    axis_name: per-device perturbation and renormalization (each device with its own
-      norms); the outputs are averaged over the axis.
-
-  Returns:
-    An :class:`optax.GradientTransformationExtraArgs`; ``update(updates, state, params,
-    *, grad_fn)`` as for :func:`sharpness_aware`.
-
-  Example:
-    >>> import jax, jax.numpy as jnp, sam_optax
-    >>> grad_fn = jax.grad(lambda w: jnp.sum(w ** 4))
-    >>> w = jnp.array([1.0, -2.0])
-    >>> g = grad_fn(w)
-    >>> tx = sam_optax.stable_sam(0.05)
-    >>> out, _ = tx.update(g, tx.init(w), w, grad_fn=grad_fn)
-    >>> g_tilde = grad_fn(w + 0.05 * g / jnp.linalg.norm(g))   # by hand
-    >>> bool(jnp.allclose(out, g_tilde * jnp.linalg.norm(g) / jnp.linalg.norm(g_tilde)))
-    True
-
-  References:
-    Tan, Chen, Zhang, Zhang, Wu, Li, `Stabilizing Sharpness-Aware Minimization Through A
-    Simple Renormalization Strategy <https://arxiv.org/abs/2401.07250>`_, JMLR 2025.
-  """
-  fn = "stable_sam"
-  rho = engine.check_rho(rho, fn)
-  eps, perturbation, ascent = sam_method.check_geometry(fn, eps, axis_name, perturbation)
-
-  def points(s):
-    return ascent(s)._replace(aux=tu.norm(s.updates))
-
-  def combine(s, pts, loss, g_tilde):
-    return engine.Result(tu.scale(g_tilde, pts.aux * tu.safe_inverse(tu.norm(g_tilde), eps)))
-
-  m = engine.Method(fn, StableSAMState, lambda params: {"perturbation_state": perturbation.init(params)},
-                    points, combine)
+  m = Method(fn, WSAMState, init, ascent, combine, keeps_gradient=True)
   return engine.build(m, rho=rho, eps=eps, axis_name=axis_name)
