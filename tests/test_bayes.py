@@ -108,7 +108,8 @@ def test_two_closure_calls_per_step_and_the_clean_gradient_is_unused():
     return jax.grad(loss_jax)(p)
 
   state = tx.init(params)
-  u1, _ = jax.jit(lambda s: tx.update(jax.grad(loss_jax)(params), s, params, grad_fn=grad_fn))(state)
+  step = jax.jit(lambda s: tx.update(jax.grad(loss_jax)(params), s, params, grad_fn=grad_fn))
+  u1, _ = step(state)
   assert len(calls) == 2
   zeros = jax.tree.map(jnp.zeros_like, params)
   u2, _ = jax.jit(lambda s: tx.update(zeros, s, params, grad_fn=grad_fn))(state)
@@ -125,7 +126,8 @@ def test_samples_follow_the_posterior():
   keys = jax.random.split(key, 2)  # per leaf, jax.tree.leaves order: bias, kernel
   np.testing.assert_allclose(
       np.asarray(sample["bias"]),
-      np.asarray(p["bias"]) + np.asarray(std["bias"]) * np.asarray(jax.random.normal(keys[0], (3,))),
+      np.asarray(p["bias"])
+      + np.asarray(std["bias"]) * np.asarray(jax.random.normal(keys[0], (3,))),
       rtol=1e-6)
   many = jax.vmap(lambda k: so.bsam_sample(p, state, k))(jax.random.split(key, 4000))
   np.testing.assert_allclose(flat(jax.tree.map(lambda x: x.mean(0), many)), flat(p), atol=0.01)

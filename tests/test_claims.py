@@ -62,6 +62,7 @@ def check_record(rec, out):
   assert (out / "runs" / f"{rec['name']}.json").exists()
 
 
+@pytest.mark.slow
 def test_quick_run_writes_results_json(tmp_path):
   env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # no simulated devices
   env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)

@@ -28,7 +28,8 @@ def write_fashion(folder, n_train: int = 20, n_test: int = 10, compress: bool = 
   """A miniature Fashion-MNIST under the real file names; returns the arrays written."""
   rng = np.random.default_rng(0)
   arrays = {"x_train": rng.integers(0, 256, (n_train, 28, 28)), "y_train": np.arange(n_train) % 10,
-            "x_test": rng.integers(0, 256, (n_test, 28, 28)), "y_test": np.arange(n_test)[::-1] % 10}
+            "x_test": rng.integers(0, 256,
+                                   (n_test, 28, 28)), "y_test": np.arange(n_test)[::-1] % 10}
   for key, name in datasets._FASHION_FILES.items():
     write(folder / (name + (".gz" if compress else "")), idx_bytes(arrays[key]), compress)
   return arrays
@@ -126,7 +127,8 @@ def test_wrong_shapes_are_refused(tmp_path):
 
 REAL = os.path.join(datasets.FASHION_MNIST_DEBIAN_DIR)
 needs_files = pytest.mark.skipif(not fashion_mnist_available(REAL),
-                                 reason=f"Fashion-MNIST not installed ({datasets.FASHION_MNIST_APT})")
+                                 reason=f"Fashion-MNIST not installed "
+                                        f"({datasets.FASHION_MNIST_APT})")
 
 
 @needs_files

@@ -17,7 +17,8 @@ Z = jnp.array([[-1.0, 0.0, 2.0, -4.0, 0.5],
 
 def test_dense_activations():
   assert float(dead_unit_fraction(Z)) == pytest.approx(2 / 5)
-  assert float(dead_unit_fraction(jax.nn.relu(Z))) == pytest.approx(2 / 5)  # same on the ReLU output
+  # the same on the ReLU output
+  assert float(dead_unit_fraction(jax.nn.relu(Z))) == pytest.approx(2 / 5)
   assert float(dead_unit_fraction(Z.T, axis=0)) == pytest.approx(2 / 5)
   # threshold 0.4: unit 2 (max 2.0) and unit 4 (max 0.5) fire, unit 0 (max 3.0) fires -> 2 of 5
   assert float(dead_unit_fraction(Z, threshold=0.4)) == pytest.approx(2 / 5)
@@ -44,7 +45,8 @@ def test_nan_counts_as_active_and_dtypes():
 
 
 def test_jit():
-  assert float(jax.jit(dead_unit_fraction, static_argnames="axis")(Z, axis=-1)) == pytest.approx(0.4)
+  assert float(jax.jit(dead_unit_fraction, static_argnames="axis")(Z,
+                                                                   axis=-1)) == pytest.approx(0.4)
 
 
 def test_errors_name_the_argument():

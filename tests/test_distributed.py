@@ -34,7 +34,8 @@ def shardings(tree):
 
 @pytest.mark.parametrize("layout", ["replicated", "fsdp"])
 def test_data_parallel_sam_equals_single_device(layout):
-  opt = optax.chain(so.sharpness_aware(RHO, perturbation=so.friendly()), optax.sgd(0.1, momentum=0.9))
+  opt = optax.chain(so.sharpness_aware(RHO, perturbation=so.friendly()),
+                    optax.sgd(0.1, momentum=0.9))
   params = mlp_init(0, sizes=(8, 16, 4))
   batches = [make_data(i, n=64, classes=4) for i in range(3)]
   expected = single_device_run(opt, params, batches)
@@ -147,7 +148,8 @@ def test_pmap_per_device_perturbation():
   split = jax.tree.map(lambda x: x.reshape(8, -1, *x.shape[1:]), batch)
   out = jax.pmap(body, axis_name="batch", in_axes=(None, None, 0))(params, state, split)
   out0 = jax.tree.map(lambda x: x[0], out)
-  np.testing.assert_allclose(flat(out0), per_device_reference(params, batch, 8), rtol=1e-4, atol=1e-6)
+  np.testing.assert_allclose(flat(out0), per_device_reference(params, batch, 8), rtol=1e-4,
+                             atol=1e-6)
 
 
 def test_m_sharpness_on_one_device_with_vmap_groups():

@@ -58,13 +58,15 @@ def check_training_worked(ns: dict) -> None:
     assert math.isfinite(ns["loss"])
 
 
+@pytest.mark.slow
 def test_readme_python_blocks_run(tmp_path):
   ns = run_blocks(ROOT / "README.md", tmp_path)
   check_training_worked(ns)
   assert "loss" in ns and "accuracy" in ns  # the usage program returns and reports the loss
 
 
-PAGES = sorted(p for p in list(DOCS.glob("*.md")) + list(DOCS.glob("guides/*.md")) if python_blocks(p))
+PAGES = sorted(p for p in list(DOCS.glob("*.md")) + list(DOCS.glob("guides/*.md"))
+               if python_blocks(p))
 
 
 def test_docs_pages_with_code_are_found():
@@ -105,13 +107,15 @@ def test_version_is_the_distribution_version():
 
 
 @pytest.mark.skipif(os.environ.get("SAM_OPTAX_TEST_INSTALLED") != "1",
-                    reason="checks the wheel; set SAM_OPTAX_TEST_INSTALLED=1 (the README's test command does)")
+                    reason="checks the wheel; set SAM_OPTAX_TEST_INSTALLED=1 (the README's test "
+                           "command does)")
 def test_tests_run_against_the_installed_wheel():
   package = Path(sam_optax.__file__).resolve().parent
   assert package != ROOT / "sam_optax", f"sam_optax imported from the source tree: {package}"
   assert "site-packages" in package.parts
   assert (package / "py.typed").exists()
-  assert importlib.util.find_spec("sam_optax.flax_training") is not None
+  assert importlib.util.find_spec("sam_optax.flax") is not None
+  assert importlib.util.find_spec("sam_optax.demo.cli") is not None
 
 
 @pytest.mark.skipif(importlib.util.find_spec("sphinx") is None, reason="needs the docs extra")

@@ -1,4 +1,5 @@
-"""ESAM data selection: exactly ceil(gamma B) examples, the sharpest ones, their gradient at w + eps."""
+"""ESAM data selection: exactly ceil(gamma B) examples, the sharpest ones, their gradient at
+w + eps."""
 
 import math
 from fractions import Fraction
@@ -66,8 +67,8 @@ def test_selects_the_sharpest_and_returns_their_gradient_at_the_perturbed_point(
     return example_losses(p, batch if b is None else b)
 
   g = jax.grad(mlp_loss)(params, batch)
-  kw = dict(per_example_loss_fn=loss_fn, batch=batch) if mode == "subset" else dict(
-      per_example_loss_fn=lambda p: loss_fn(p))
+  kw = {"objective": losses_objective(loss_fn, batch) if mode == "subset" else
+        losses_objective(lambda p: loss_fn(p))}
   out, state = jax.jit(lambda s: tx.update(g, s, params, **kw))(tx.init(params))
   np.testing.assert_allclose(flat(out), expected, rtol=1e-4, atol=1e-6)
   if mode == "subset":  # the forward-backward ran on exactly the kept examples
@@ -81,6 +82,14 @@ def test_selects_the_sharpest_and_returns_their_gradient_at_the_perturbed_point(
   np.testing.assert_allclose(float(m["clean_loss"]), float(mlp_loss(params, batch)), rtol=1e-5)
 
 
+def losses_objective(fn, batch=None):
+  """The per-example losses as the objective's "outputs": ``fn(p, b)`` on the batch in the
+  objective (a subset can be taken), or ``fn(p)`` closing over it (``batch=None``)."""
+  if batch is None:
+    return so.Objective(lambda p, b: fn(p), lambda out, b: out, None)
+  return so.Objective(fn, lambda out, b: out, batch)
+
+
 def test_ties_keep_exactly_k_lowest_indices():
   """rho = 0: every score is 0; exactly ceil(gamma B) examples are kept, the first ones."""
   params = mlp_init(1)
@@ -88,8 +97,8 @@ def test_ties_keep_exactly_k_lowest_indices():
   g = jax.grad(mlp_loss)(params, batch)
   for mode in ("subset", "masked"):
     tx = so.esam(0.0, 0.5, perturbation=so.l2())
-    kw = dict(per_example_loss_fn=example_losses, batch=batch) if mode == "subset" else dict(
-        per_example_loss_fn=lambda p: example_losses(p, batch))
+    kw = {"objective": losses_objective(example_losses, batch) if mode == "subset" else
+          losses_objective(lambda p: example_losses(p, batch))}
     out, _ = tx.update(g, tx.init(params), params, **kw)
     first5 = (batch[0][:5], batch[1][:5])
     np.testing.assert_allclose(flat(out), flat(jax.grad(mlp_loss)(params, first5)), rtol=1e-5,
@@ -104,7 +113,7 @@ def test_gamma_one_with_the_stochastic_perturbation_is_sam_with_it():
   sam = so.sharpness_aware(0.05, perturbation=so.stochastic(0.6, seed=3))
   es, ss = esam.init(params), sam.init(params)
   for _ in range(3):  # the key advances alike
-    a, es = esam.update(g, es, params, per_example_loss_fn=example_losses, batch=batch)
+    a, es = esam.update(g, es, params, objective=losses_objective(example_losses, batch))
     b, ss = sam.update(g, ss, params, grad_fn=lambda q: jax.grad(mlp_loss)(q, batch))
     np.testing.assert_allclose(flat(a), flat(b), rtol=1e-5, atol=1e-7)
 
@@ -114,13 +123,13 @@ def test_injected_gamma_falls_back_to_the_weighted_batch_with_the_same_result():
   batch = make_data(8, n=12)
   g = jax.grad(mlp_loss)(params, batch)
   tx = optax.inject_hyperparams(so.esam)(rho=RHO, gamma=0.5, perturbation=so.l2())
-  out, _ = jax.jit(lambda s: tx.update(g, s, params, per_example_loss_fn=example_losses,
-                                       batch=batch))(tx.init(params))
+  out, _ = jax.jit(lambda s: tx.update(g, s, params, objective=losses_objective(
+      example_losses, batch)))(tx.init(params))
   expected, _ = expected_update(params, batch, 0.5)
   np.testing.assert_allclose(flat(out), expected, rtol=1e-4, atol=1e-6)
 
 
-def test_example_losses_argument_replaces_the_clean_forward():
+def test_clean_losses_in_the_objective_replace_the_clean_forward():
   params = mlp_init(4)
   batch = make_data(9)
   g = jax.grad(mlp_loss)(params, batch)
@@ -131,10 +140,11 @@ def test_example_losses_argument_replaces_the_clean_forward():
     return example_losses(p, b)
 
   tx = so.esam(RHO, 0.5, perturbation=so.l2())
-  a, _ = tx.update(g, tx.init(params), params, per_example_loss_fn=loss_fn, batch=batch)
+  objective = losses_objective(loss_fn, batch)
+  a, _ = tx.update(g, tx.init(params), params, objective=objective)
   n_without = len(calls)
-  b, _ = tx.update(g, tx.init(params), params, per_example_loss_fn=loss_fn, batch=batch,
-                   example_losses=example_losses(params, batch))
+  clean = objective._replace(clean_losses=example_losses(params, batch))
+  b, _ = tx.update(g, tx.init(params), params, objective=clean)
   assert len(calls) - n_without == n_without - 1
   np.testing.assert_allclose(flat(a), flat(b), rtol=1e-6)
 
@@ -142,9 +152,10 @@ def test_example_losses_argument_replaces_the_clean_forward():
 def test_missing_closure_is_a_clear_error():
   params = mlp_init(0)
   tx = so.esam()
-  with pytest.raises(TypeError, match="per_example_loss_fn"):
+  with pytest.raises(TypeError, match="objective=sam_optax.Objective"):
     tx.update(params, tx.init(params), params, grad_fn=lambda q: q)
   with pytest.raises(ValueError, match=r"esam\(gamma=...\)"):
     so.esam(gamma=0.0)
   with pytest.raises(ValueError, match="one loss per example"):
-    tx.update(params, tx.init(params), params, per_example_loss_fn=lambda p: jnp.zeros(()))
+    tx.update(params, tx.init(params), params,
+              objective=losses_objective(lambda p: jnp.zeros(())))

@@ -28,7 +28,8 @@ def test_summary_and_tables():
           "0.4": {"sgd": [_run(0.7, 11.0, True, 0.1), _run(0.72, 11.0, True, 0.2)],
                   "sam": [_run(0.75, 33.0, True, 0.05), _run(0.73, 33.0, True, 0.07)]}}
   s = fm.summarize(runs)
-  np.testing.assert_allclose(s["0"]["sgd"]["final"], [np.mean([0.8, 0.9, 0.85]), np.std([0.8, 0.9, 0.85])])
+  np.testing.assert_allclose(s["0"]["sgd"]["final"],
+                             [np.mean([0.8, 0.9, 0.85]), np.std([0.8, 0.9, 0.85])])
   # SGD's compiling run (100 s) is left out: median of 10 and 12 is 11; SAM's median is 22
   np.testing.assert_allclose(s["0"]["sam"]["time_ratio"], 22.0 / 11.0)
   np.testing.assert_allclose(s["0.4"]["sam"]["time_ratio"], 3.0)

@@ -1,10 +1,16 @@
-"""examples/lora_sam.py in its quick mode: SAM and Functional-SAM on LoRA adapters train the adapters only.
+"""examples/lora_sam.py in its quick mode: SAM and Functional-SAM on LoRA adapters train the
+adapters only.
 
-One run of ``main(["--quick"])`` (a tiny byte-level transformer pretrained on stdlib ``email``, fine-tuned with
-LoRA on stdlib ``json``), then: the table is printed with the three optimizers; every optimizer ran its steps
-with finite losses; the held-out bits per byte are finite and below 8 (a uniform guess over bytes); the base
-weights of every fine-tuned model are bitwise the pretrained ones while every adapter moved; and SAM /
-Functional-SAM took steps different from AdamW's at the same seed and batches (the perturbation did something).
+One run of ``main(["--quick"])`` (a tiny byte-level transformer pretrained on stdlib ``email``,
+fine-tuned with
+LoRA on stdlib ``json``), then: the table is printed with the three optimizers; every optimizer ran
+its steps
+with finite losses; the held-out bits per byte are finite and below 8 (a uniform guess over bytes);
+the base
+weights of every fine-tuned model are bitwise the pretrained ones while every adapter moved; and SAM
+/
+Functional-SAM took steps different from AdamW's at the same seed and batches (the perturbation did
+something).
 """
 
 import importlib.util
@@ -35,7 +41,8 @@ def quick(example):
 
 
 def frozen_params(model) -> dict:
-  """The non-LoRA parameters by path, ``base_module`` (the LoRA wrapper's slot) dropped from the path."""
+  """The non-LoRA parameters by path, ``base_module`` (the LoRA wrapper's slot) dropped from the
+  path."""
   state = nnx.to_pure_dict(nnx.state(model, nnx.All(nnx.Param, nnx.Not(nnx.LoRAParam))))
   return {tuple(k.key for k in path if k.key != "base_module"): np.asarray(v)
           for path, v in jax.tree_util.tree_leaves_with_path(state)}
@@ -43,7 +50,8 @@ def frozen_params(model) -> dict:
 
 def adapters(model) -> dict:
   state = nnx.to_pure_dict(nnx.state(model, nnx.LoRAParam))
-  return {jax.tree_util.keystr(p): np.asarray(v) for p, v in jax.tree_util.tree_leaves_with_path(state)}
+  leaves = jax.tree_util.tree_leaves_with_path(state)
+  return {jax.tree_util.keystr(p): np.asarray(v) for p, v in leaves}
 
 
 @pytest.mark.slow
@@ -60,7 +68,8 @@ def test_all_three_optimizers_ran(example, quick):
   methods = [r["method"] for r in quick["runs"]]
   assert sorted(methods) == sorted(example.METHODS * cfg.seeds)
   for run in quick["runs"]:
-    assert len(run["losses"]) == cfg.steps and all(math.isfinite(v) for v in run["losses"]), run["method"]
+    assert len(run["losses"]) == cfg.steps, run["method"]
+    assert all(math.isfinite(v) for v in run["losses"]), run["method"]
 
 
 @pytest.mark.slow
@@ -82,9 +91,11 @@ def test_only_the_adapters_changed(example, quick):
       assert tuned[path].dtype == w.dtype and np.array_equal(tuned[path], w), (run["method"], path)
     init = adapters(example.add_lora(nnx.clone(quick["base"]), example.QUICK.rank, run["seed"]))
     now = adapters(model)
-    assert now.keys() == init.keys() and len(now) == 2 * len(example.LORA_TARGETS) * example.QUICK.layers
+    assert now.keys() == init.keys()
+    assert len(now) == 2 * len(example.LORA_TARGETS) * example.QUICK.layers
     for path in init:
-      assert not np.array_equal(now[path], init[path]), (run["method"], path)   # every adapter moved
+      assert not np.array_equal(now[path], init[path]), (run["method"],
+                                                         path)   # every adapter moved
       assert np.all(np.isfinite(now[path]))
 
 

@@ -3,6 +3,7 @@
 import jax
 import optax
 import optax.contrib
+import pytest
 
 import sam_optax as so
 from helpers import make_data, mlp_init, mlp_loss
@@ -18,7 +19,8 @@ def test_sam_step_memory_is_close_to_the_peer_and_the_base():
   base = optax.sgd(0.1, momentum=0.9)
   sam = optax.chain(so.sharpness_aware(0.05, telemetry=False), optax.sgd(0.1, momentum=0.9))
   peer = optax.contrib.sam(optax.sgd(0.1, momentum=0.9),
-                           optax.chain(optax.contrib.normalize(), optax.sgd(0.05)), opaque_mode=True)
+                           optax.chain(optax.contrib.normalize(),
+                                       optax.sgd(0.05)), opaque_mode=True)
 
   def base_step(p, s, b):
     return base.update(jax.grad(mlp_loss)(p, b), s, p)
@@ -28,7 +30,8 @@ def test_sam_step_memory_is_close_to_the_peer_and_the_base():
     return sam.update(grad_fn(p), s, p, grad_fn=grad_fn)
 
   def peer_step(p, s, b):
-    return peer.update(jax.grad(mlp_loss)(p, b), s, p, grad_fn=lambda q, _: jax.grad(mlp_loss)(q, b))
+    return peer.update(jax.grad(mlp_loss)(p, b), s, p, grad_fn=lambda q,
+                       _: jax.grad(mlp_loss)(q, b))
 
   t_base = temp_bytes(base_step, params, base.init(params), batch)
   t_sam = temp_bytes(sam_step, params, sam.init(params), batch)
@@ -76,15 +79,18 @@ def test_chain_order_guard_costs_no_memory():
   batch = make_data(0, n=128, d=64, classes=10)
   off = optax.chain(so.sharpness_aware(0.05, telemetry=False), optax.sgd(0.1, momentum=0.9))
   peer = optax.contrib.sam(optax.sgd(0.1, momentum=0.9),
-                           optax.chain(optax.contrib.normalize(), optax.sgd(0.05)), opaque_mode=True)
+                           optax.chain(optax.contrib.normalize(),
+                                       optax.sgd(0.05)), opaque_mode=True)
 
   def peer_step(p, s, b):
-    return peer.update(jax.grad(mlp_loss)(p, b), s, p, grad_fn=lambda q, _: jax.grad(mlp_loss)(q, b))
+    return peer.update(jax.grad(mlp_loss)(p, b), s, p, grad_fn=lambda q,
+                       _: jax.grad(mlp_loss)(q, b))
 
   t_off = _temp(off, params, batch, mlp_loss, False)
   assert t_off <= 1.01 * temp_bytes(peer_step, params, peer.init(params), batch)
 
 
+@pytest.mark.slow
 def test_telemetry_memory_on_a_convnet():
   """Issue 12: on a convnet (activations dominate), recording the telemetry, losses
   included, leaves the compiled temporary memory within 1% of the step without it. The
@@ -99,7 +105,8 @@ def test_telemetry_memory_on_a_convnet():
 
 
 def _step_cost_model(name, batch):
-  """The models of benchmarks/step_cost.py (an MLP of 0.9M parameters, a CNN, a transformer block)."""
+  """The models of benchmarks/step_cost.py (an MLP of 0.9M parameters, a CNN, a transformer
+  block)."""
   import flax.linen as nn
   import jax.numpy as jnp
   import numpy as np
@@ -132,14 +139,16 @@ def _step_cost_model(name, batch):
   x = jnp.asarray(x, jnp.float32)
   y = jnp.asarray(rng.integers(0, 10, batch), jnp.int32)
   params = model.init(jax.random.key(0), x[:2])["params"]
-  loss = lambda p, b: optax.softmax_cross_entropy_with_integer_labels(model.apply({"params": p}, b[0]), b[1]).mean()
+  loss = lambda p, b: optax.softmax_cross_entropy_with_integer_labels(
+      model.apply({"params": p}, b[0]), b[1]).mean()
   return params, (x, y), loss
 
 
 def _donated(step, *args):
   """Temporary bytes of the step with params and state donated, as a training loop runs it
   (benchmarks/step_cost.py does the same)."""
-  return jax.jit(step, donate_argnums=(0, 1)).lower(*args).compile().memory_analysis().temp_size_in_bytes
+  return jax.jit(step,
+                 donate_argnums=(0, 1)).lower(*args).compile().memory_analysis().temp_size_in_bytes
 
 
 def _opt_temp(opt, params, batch, loss, losses=False):
@@ -154,7 +163,8 @@ def _opt_temp(opt, params, batch, loss, losses=False):
 
 def _peer_temp(params, batch, loss):
   peer = optax.contrib.sam(optax.sgd(0.1, momentum=0.9),
-                           optax.chain(optax.contrib.normalize(), optax.sgd(0.05)), opaque_mode=True)
+                           optax.chain(optax.contrib.normalize(),
+                                       optax.sgd(0.05)), opaque_mode=True)
 
   def peer_step(p, s, b):
     u, s = peer.update(jax.grad(loss)(p, b), s, p, grad_fn=lambda q, _: jax.grad(loss)(q, b))
@@ -162,6 +172,7 @@ def _peer_temp(params, batch, loss):
   return _donated(peer_step, params, peer.init(params), batch)
 
 
+@pytest.mark.slow
 def test_default_telemetry_costs_no_params_sized_buffer():
   """Issue 19: on the 0.9M-parameter MLP, where the parameters dominate, the default telemetry
   (losses included) stays within 5% of telemetry=False; the cosine (telemetry="full") costs
@@ -174,7 +185,8 @@ def test_default_telemetry_costs_no_params_sized_buffer():
   n_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(params))
   for losses in (False, True):
     assert _opt_temp(so.sam(base(), 0.05), params, batch, loss, losses) <= 1.05 * off
-  full = _opt_temp(optax.chain(so.sharpness_aware(0.05, telemetry="full"), base()), params, batch, loss)
+  full = _opt_temp(optax.chain(so.sharpness_aware(0.05, telemetry="full"), base()), params, batch,
+                   loss)
   assert full >= off + 0.5 * n_bytes
   # the issue's own setting (batch 128, nothing donated): 3.55 MiB by default before, 0.75 off
   params, batch, loss = _step_cost_model("mlp", 128)
@@ -183,6 +195,7 @@ def test_default_telemetry_costs_no_params_sized_buffer():
     assert _temp(so.sam(base(), 0.05), params, batch, loss, losses) <= 1.05 * off
 
 
+@pytest.mark.slow
 def test_sam_memory_within_the_peer_on_every_step_cost_model():
   """SAM's default program against optax.contrib.sam's on the step-cost models, params and
   state donated. Measured (MiB, batch 32): MLP 3.624 vs 3.624, CNN 54.169 vs 54.169,

@@ -1,4 +1,5 @@
-"""Executes the four notebooks with small settings (SAM_OPTAX_NOTEBOOK_SMALL=1); fails on any error."""
+"""Executes the four notebooks with small settings (SAM_OPTAX_NOTEBOOK_SMALL=1); fails on any
+error."""
 
 from pathlib import Path
 

@@ -20,7 +20,8 @@ def hand_sampa(grad, x0, steps, *, lr=LR, rho=RHO, lam=LAM, momentum=0.0):
 
   grad(x, t) is the gradient on step t's batch. Momentum as optax.sgd: buf <- mu buf + g,
   x <- x - lr buf; the would-be step y uses mu buf + g_y without committing buf."""
-  x, buf, g_y = np.asarray(x0, np.float64), np.zeros_like(x0, np.float64), np.zeros_like(x0, np.float64)
+  x, buf, g_y = np.asarray(x0, np.float64), np.zeros_like(x0, np.float64), np.zeros_like(x0,
+                                                                                         np.float64)
   for t in range(steps):
     n = np.linalg.norm(g_y)
     x_tilde = x + (rho * g_y / n if n > 1e-12 else 0.0)
@@ -107,7 +108,8 @@ def test_first_step_is_unperturbed_and_lambda_zero_keeps_the_perturbation():
 
 
 def _oracle_calls(jaxpr, name="oracle_grad"):
-  return [e for e in jaxpr.eqns if e.primitive.name in ("jit", "pjit") and e.params.get("name") == name]
+  return [e for e in jaxpr.eqns if e.primitive.name in ("jit",
+                                                        "pjit") and e.params.get("name") == name]
 
 
 def _depends_on(jaxpr, sources, targets):

@@ -21,7 +21,8 @@ def quadratic(seed=0, n=12, top_gap=2.0):
 
 
 def as_tree(vec):
-  return {"a": jnp.asarray(vec[:5], jnp.float32), "b": jnp.asarray(vec[5:].reshape(-1, 7), jnp.float32)}
+  return {"a": jnp.asarray(vec[:5], jnp.float32),
+          "b": jnp.asarray(vec[5:].reshape(-1, 7), jnp.float32)}
 
 
 def loss_of(a, center):
@@ -43,7 +44,8 @@ def test_top_eigenvalue_and_vector_on_quadratic():
 
 def test_top_eigenvalue_is_largest_magnitude():
   a = np.diag([1.0, -4.0, 2.0, 0.5] + [0.1] * 8)
-  lam, _ = sharpness.hessian_top_eigenvalue(loss_of(a, np.zeros(12)), as_tree(np.ones(12)), num_iters=60)
+  lam, _ = sharpness.hessian_top_eigenvalue(loss_of(a, np.zeros(12)), as_tree(np.ones(12)),
+                                            num_iters=60)
   np.testing.assert_allclose(float(lam), -4.0, rtol=1e-4)
 
 
@@ -76,7 +78,8 @@ def test_max_sharpness_linf_ball_on_diagonal_quadratic():
   # for a diagonal PSD Hessian the l_inf-ball maximum is at a corner: 1/2 rho^2 sum(diag)
   d = np.linspace(0.5, 2.0, 12)
   loss = loss_of(np.diag(d), np.zeros(12))
-  value = sharpness.max_sharpness(loss, as_tree(np.zeros(12)), 0.1, perturbation=so.linf(), steps=30)
+  value = sharpness.max_sharpness(loss, as_tree(np.zeros(12)), 0.1, perturbation=so.linf(),
+                                  steps=30)
   np.testing.assert_allclose(float(value), 0.5 * 0.01 * d.sum(), rtol=1e-3)
 
 
@@ -96,7 +99,8 @@ def test_two_dimensional_grid_matches_pointwise_evaluation():
   loss = loss_of(a, center)
   d1, d2 = as_tree(q[:, 0]), as_tree(q[:, 1])
   al, be, grid = sharpness.loss_landscape_2d(loss, as_tree(center), directions=(d1, d2),
-                                             alphas=jnp.linspace(-1, 1, 5), betas=jnp.linspace(-1, 1, 4))
+                                             alphas=jnp.linspace(-1, 1, 5),
+                                             betas=jnp.linspace(-1, 1, 4))
   assert grid.shape == (5, 4)
   i, j = 3, 1
   x = float(al[i]) * q[:, 0] + float(be[j]) * q[:, 1]
@@ -123,12 +127,14 @@ def test_filter_normalized_direction_norms():
   np.testing.assert_array_equal(d["bias"], 0.0)
 
 
+@pytest.mark.slow
 def test_m_sharpness_is_mean_of_group_sharpness():
   params = mlp_init(2, sizes=(8, 6, 3))
   batch = make_data(2, n=12)
   groups = [(batch[0][i:i + 4], batch[1][i:i + 4]) for i in range(0, 12, 4)]
-  expected = np.mean([float(sharpness.max_sharpness(lambda p, g=g: mlp_loss(p, g), params, 0.1, steps=5))
-                      for g in groups])
+  of_group = lambda g: float(sharpness.max_sharpness(lambda p: mlp_loss(p, g), params, 0.1,
+                                                     steps=5))
+  expected = np.mean([of_group(g) for g in groups])
   got = sharpness.m_sharpness(mlp_loss, params, batch, 0.1, 4, steps=5)
   np.testing.assert_allclose(float(got), expected, rtol=1e-5)
   with pytest.raises(ValueError, match="divisible by m=5"):
@@ -155,8 +161,10 @@ def test_plots_render(tmp_path):
   loss = loss_of(a, np.zeros(12))
   p = as_tree(np.zeros(12))
   fig, axes = plt.subplots(1, 3, figsize=(12, 3))
-  sharpness.plot_landscape_1d({"quad": sharpness.loss_landscape_1d(loss, p, key=jax.random.key(0))}, axes[0])
-  sharpness.plot_landscape_2d(*sharpness.loss_landscape_2d(loss, p, alphas=jnp.linspace(-1, 1, 11)), axes[1])
+  sharpness.plot_landscape_1d({"quad": sharpness.loss_landscape_1d(loss, p,
+                                                                   key=jax.random.key(0))}, axes[0])
+  sharpness.plot_landscape_2d(*sharpness.loss_landscape_2d(loss, p,
+                                                           alphas=jnp.linspace(-1, 1, 11)), axes[1])
   sharpness.plot_spectrum(sharpness.hessian_spectrum(loss, p, num_iters=12), axes[2], label="quad")
   fig.savefig(tmp_path / "plots.png")
   assert (tmp_path / "plots.png").stat().st_size > 10_000

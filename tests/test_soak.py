@@ -1,5 +1,5 @@
-"""Soak (issue 16): every exported transformation for 5,000 jitted steps on a small noisy
-problem: no NaN, one compilation (two for the gated programs of ``gated_jit``), and
+"""Soak: every row of the method registry (``tests/table.py``) for 5,000 jitted steps on a small
+noisy problem: no NaN, one compilation (two for the gated programs of ``gated_jit``), and
 resident memory flat after warm-up."""
 
 import jax
@@ -9,8 +9,8 @@ import optax
 import pytest
 
 import sam_optax as so
-from helpers import mlp_init, mlp_loss
-from test_contract import NEEDS_LOSS, OPTIMIZERS, mlp_example_losses
+import table
+from helpers import mlp_example_losses, mlp_init, mlp_loss
 
 pytestmark = pytest.mark.slow
 
@@ -25,28 +25,23 @@ def rss_mib() -> float:
   return float("nan")  # pragma: no cover
 
 
-@pytest.mark.parametrize("name", sorted(OPTIMIZERS))
+@pytest.mark.parametrize("name", table.NAMES)
 def test_soak_5000_steps(name):
   rng = np.random.default_rng(0)
   x = jnp.asarray(rng.normal(size=(512, 8)), jnp.float32)
   noisy = rng.random(512) < 0.3  # label noise: a random class for 30% of the examples
   y = jnp.asarray(np.where(noisy, rng.integers(0, 3, 512), np.asarray(x[:, 0]) > 0), jnp.int32)
   params = mlp_init(0)
-  opt = OPTIMIZERS[name]()
+  opt = table.optimizer(name)
   traces = []
 
   def step(p, s, t):
     traces.append(1)
     idx = jax.random.choice(jax.random.fold_in(jax.random.key(1), t), 512, (32,), replace=False)
     batch = (x[idx], y[idx])
-    grad_fn = lambda q: jax.grad(mlp_loss)(q, batch)
-    if name in NEEDS_LOSS:
-      vg = lambda q: jax.value_and_grad(mlp_loss)(q, batch)
-      kw = {"value_and_grad_fn": vg, "value": mlp_loss(p, batch)}
-    else:
-      kw = {"grad_fn": grad_fn}
-    u, s = opt.update(grad_fn(p), s, p, **kw,
-                      per_example_loss_fn=lambda q: mlp_example_losses(q, batch))
+    kw = table.closures(name, lambda q: mlp_loss(q, batch), p,
+                        example_losses=lambda q: mlp_example_losses(q, batch))
+    u, s = opt.update(jax.grad(mlp_loss)(p, batch), s, p, **kw)
     return optax.apply_updates(p, u), s
 
   run = so.gated_jit(step, host_gating=True)
@@ -62,4 +57,5 @@ def test_soak_5000_steps(name):
   # the host-decidable schedules that take both branches (late_phase with start 0 never skips)
   gated = name in ("looksam", "randomized", "late_phase_start_2")
   assert len(traces) == (2 if gated else 1), len(traces)
-  assert after - before < 6.0, f"resident memory grew {after - before:.1f} MiB over {STEPS - WARMUP} steps"
+  assert after - before < 6.0, (f"resident memory grew {after - before:.1f} MiB over "
+                                f"{STEPS - WARMUP} steps")

@@ -101,9 +101,9 @@ def test_looksam_and_randomized_report_their_schedule():
     np.testing.assert_allclose(float(m["sam_step_fraction"]), np.mean(expected), atol=1e-6)
 
 
-def test_adaptive_policy_fraction_counts_its_sam_steps():
+def test_ae_sam_fraction_counts_its_sam_steps():
   w = jnp.asarray(W0, jnp.float32)
-  opt = optax.chain(so.adaptive_policy(so.sharpness_aware(0.05), total_steps=20), optax.sgd(0.01))
+  opt = optax.chain(so.ae_sam(so.sharpness_aware(0.05), total_steps=20), optax.sgd(0.01))
   step = sam_step_fn(opt)
   state, steps = opt.init(w), []
   for _ in range(10):
@@ -118,9 +118,10 @@ def _wrappers():
   return {
       "chain": base,
       "nested_chain": lambda: optax.chain(optax.chain(so.sharpness_aware(0.1)),
-                                          optax.chain(optax.clip_by_global_norm(1.0), optax.sgd(0.05))),
-      "inject_hyperparams": lambda: optax.chain(optax.inject_hyperparams(so.sharpness_aware)(rho=0.1),
-                                                optax.sgd(0.05)),
+                                          optax.chain(optax.clip_by_global_norm(1.0),
+                                                      optax.sgd(0.05))),
+      "inject_hyperparams": lambda: optax.chain(
+          optax.inject_hyperparams(so.sharpness_aware)(rho=0.1), optax.sgd(0.05)),
       "multi_steps": lambda: optax.MultiSteps(base(), every_k_schedule=1),
       "apply_if_finite": lambda: optax.apply_if_finite(base(), max_consecutive_errors=3),
       "masked": lambda: optax.chain(optax.masked(so.sharpness_aware(0.1), {"a": True, "b": False}),
@@ -143,7 +144,8 @@ def test_metrics_found_through_every_wrapper_and_jittable(name):
                                           value_and_grad_fn=vg))(opt.init(params))
   eager = so.metrics(state)
   jitted = jax.jit(so.metrics)(state)
-  ga = np.asarray(g["a"]) if name == "masked" else np.concatenate([np.asarray(g["a"]), np.asarray(g["b"])])
+  both = np.concatenate([np.asarray(g["a"]), np.asarray(g["b"])])
+  ga = np.asarray(g["a"]) if name == "masked" else both
   np.testing.assert_allclose(float(eager["clean_grad_norm"]), np.linalg.norm(ga), rtol=1e-5)
   np.testing.assert_allclose(float(eager["perturbation_norm"]), 0.1, rtol=1e-5)
   assert float(eager["sharpness"]) > 0
@@ -166,16 +168,17 @@ def test_metrics_after_checkpoint_restore(tmp_path):
 
 
 def test_optax_apply_if_finite_misses_a_nan_at_the_perturbed_point():
-  """The pitfall sam_optax.apply_if_finite exists for: optax's checks the input only."""
+  """The pitfall sam_optax.skip_if_nonfinite exists for: optax's checks the input only."""
   w = jnp.asarray(W0, jnp.float32)
   opt = optax.apply_if_finite(so.sam(optax.sgd(0.05), 0.1), max_consecutive_errors=5)
-  u, state = opt.update(jax.grad(quad)(w), opt.init(w), w, grad_fn=lambda p: jnp.full_like(p, jnp.nan))
+  u, state = opt.update(jax.grad(quad)(w), opt.init(w), w,
+                        grad_fn=lambda p: jnp.full_like(p, jnp.nan))
   assert np.all(np.isnan(np.asarray(u))) and int(state.total_notfinite) == 0
 
 
-def test_apply_if_finite_counts_skipped_steps():
+def test_skip_if_nonfinite_counts_skipped_steps():
   w = jnp.asarray(W0, jnp.float32)
-  opt = so.apply_if_finite(so.sam(optax.sgd(0.05), 0.1), max_consecutive_errors=5)
+  opt = so.skip_if_nonfinite(so.sam(optax.sgd(0.05), 0.1), max_consecutive_errors=5)
   state = opt.init(w)
   nan_at_perturbed = lambda p: jnp.full_like(p, jnp.nan)
   for _ in range(2):
@@ -247,7 +250,7 @@ def test_grad_fn_returning_a_pair_points_to_value_and_grad_fn():
 def test_linen_step_reports_the_perturbed_loss_of_the_second_pass():
   import flax.linen as nn
 
-  from sam_optax import flax_training as ft
+  from sam_optax import flax as ft
   model = nn.Dense(3)
   x, y = make_data(3, n=16, d=4)
   params = model.init(jax.random.key(0), x)["params"]
@@ -262,3 +265,33 @@ def test_linen_step_reports_the_perturbed_loss_of_the_second_pass():
   expected = float(loss(jax.tree.map(jnp.add, params, eps)))
   np.testing.assert_allclose(float(m["perturbed_loss"]), expected, rtol=1e-5)
   np.testing.assert_allclose(float(m["sharpness"]), expected - float(loss(params)), rtol=1e-4)
+
+
+def test_metrics_inside_jit_omit_what_was_not_recorded():
+  # e828a15: inside jit `metrics()` read `clean_loss`, `perturbed_loss` and
+  # `sharpness` as 0 when the step was given no loss (a plausible but wrong 0).
+  loss = lambda w: jnp.sum(w ** 4)
+  w = jnp.array([1.0, -2.0])
+  tx = so.sam(optax.sgd(0.1), 0.05)
+
+  @jax.jit
+  def bare(w, state):
+    _, state = tx.update(jax.grad(loss)(w), state, w, grad_fn=jax.grad(loss))
+    return so.metrics(state)
+
+  @jax.jit
+  def full(w, state):
+    value, g = jax.value_and_grad(loss)(w)
+    _, state = tx.update(g, state, w, value=value, value_and_grad_fn=jax.value_and_grad(loss))
+    return so.metrics(state)
+
+  m = bare(w, tx.init(w))
+  assert not {"clean_loss", "perturbed_loss", "sharpness"} & set(m)
+  m = full(w, tx.init(w))
+  g = jax.grad(loss)(w)
+  by_hand = loss(w + 0.05 * g / jnp.linalg.norm(g)) - loss(w)
+  np.testing.assert_allclose(m["sharpness"], by_hand, rtol=1e-6)
+  # outside jit the flags are concrete as well
+  state = tx.init(w)
+  _, state = tx.update(g, state, w, grad_fn=jax.grad(loss))
+  assert "sharpness" not in so.metrics(state) and "perturbed_grad_norm" in so.metrics(state)

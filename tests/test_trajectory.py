@@ -1,4 +1,5 @@
-"""SAF and MESA pieces against numpy: the KL-with-temperature term, the weight EMA, the logit store."""
+"""SAF and MESA pieces against numpy: the KL-with-temperature term, the weight EMA, the logit
+store."""
 
 import jax
 import jax.numpy as jnp
@@ -135,7 +136,8 @@ def test_saf_loss_is_active_only_in_its_window():
     reg, state = trajectory.saf_loss(state, z, idx, epoch, weight=0.3, temperature=5.0,
                                      start_epoch=2, end_epoch=4)
     if 2 <= epoch < 4:
-      np.testing.assert_allclose(float(reg), np_trajectory_loss(z, history[-1], 5.0, 0.3), rtol=1e-5)
+      np.testing.assert_allclose(float(reg), np_trajectory_loss(z, history[-1], 5.0, 0.3),
+                                 rtol=1e-5)
       assert float(reg) > 0
     else:
       assert float(reg) == 0.0
@@ -148,7 +150,8 @@ def test_mesa_loss_window_and_formula():
   assert float(trajectory.mesa_loss(z, z_ema, epoch=4, start_epoch=5)) == 0.0
   np.testing.assert_allclose(float(trajectory.mesa_loss(z, z_ema, epoch=5, start_epoch=5)),
                              np_trajectory_loss(z, z_ema, 5.0, 0.8), rtol=1e-5)
-  assert float(trajectory.mesa_loss(z, z_ema, epoch=jnp.asarray(7), start_epoch=5, end_epoch=7)) == 0.0
+  off = trajectory.mesa_loss(z, z_ema, epoch=jnp.asarray(7), start_epoch=5, end_epoch=7)
+  assert float(off) == 0.0
 
 
 def test_arguments_are_checked():

@@ -162,6 +162,7 @@ def test_constructor_checks():
     so.frob_sam(lam=-1.0)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("factory, names, needs_loss", [
     (so.trace_sam, ("rho",), False),
     (so.frob_sam, ("rho", "lam"), True),

@@ -3,10 +3,12 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 import sam_optax as so
-from helpers import flat, random_tree
+from helpers import flat, make_data, mlp_init, mlp_loss, random_tree, unflat
+from references import RHO, sam_point, update
 
 
 def direction(pert, grads_seq, params):
@@ -215,3 +217,89 @@ def test_multi_step_ascent_matches_hand_written_projected_ascent(geometry):
     delta = proj(delta + rho / k * d_of(g))
     g = a @ (w0 + delta)
   np.testing.assert_allclose(np.asarray(out), g, rtol=2e-5)
+
+
+# ------------------------------------------------------------ Monge, preconditioned
+
+
+def test_monge_closed_form_and_unit_length_in_its_metric():
+  g = np.array([0.3, -1.2, 2.0])
+  d, _ = so.monge().update(jnp.asarray(g, jnp.float32), optax.EmptyState())
+  n = np.linalg.norm(g)
+  np.testing.assert_allclose(np.asarray(d), g / (n * np.sqrt(1 + n * n)), rtol=1e-6)
+  metric = np.eye(3) + np.outer(g, g)   # G = I + g g^T: d^T G d = 1
+  np.testing.assert_allclose(np.asarray(d) @ metric @ np.asarray(d), 1.0, rtol=1e-5)
+
+
+def test_sharpness_aware_with_monge_evaluates_at_the_monge_point():
+  params, batch = mlp_init(5), make_data(5, n=8)
+  g = flat(jax.grad(mlp_loss)(params, batch))
+  n = np.linalg.norm(g)
+  point, _ = sam_point(params, batch, direction=g / (n * np.sqrt(1 + n * n)), rho=0.5)
+  out, _ = update(so.sharpness_aware(0.5, perturbation=so.monge()), params, batch)
+  np.testing.assert_allclose(flat(out), flat(jax.grad(mlp_loss)(point, batch)), rtol=1e-5,
+                             atol=1e-7)
+  # multi-step ascent stays in the Euclidean ball of radius rho
+  _, state = update(so.sharpness_aware(0.5, perturbation=so.monge(), ascent_steps=3), params, batch)
+  assert float(state.telemetry.perturbation_norm) <= 0.5 * (1 + 1e-6)
+
+
+
+
+def test_preconditioned_matches_a_numpy_ema_with_bias_correction():
+  b2, eps = 0.9, 1e-3
+  rng = np.random.default_rng(0)
+  p = so.preconditioned(b2=b2, adam_eps=eps)
+  state = p.init({"a": jnp.zeros((3, 2)), "b": jnp.zeros(4)})
+  v = np.zeros(10)
+  for t in range(1, 6):
+    g = rng.normal(size=10) * (t % 3 + 0.5)
+    tree = {"a": jnp.asarray(g[:6].reshape(3, 2), jnp.float32),
+            "b": jnp.asarray(g[6:], jnp.float32)}
+    d, state = p.update(tree, state)
+    v = b2 * v + (1 - b2) * g * g
+    u = g / (np.sqrt(v / (1 - b2 ** t)) + eps)
+    np.testing.assert_allclose(flat(d), u / np.linalg.norm(u), rtol=1e-5, atol=1e-7)
+    assert int(state.count) == t
+  np.testing.assert_allclose(flat(state.nu), v, rtol=1e-5)
+
+
+def test_preconditioned_costs_one_params_sized_buffer_and_composes_with_sharpness_aware():
+  params, batch = mlp_init(6), make_data(6)
+  tx = so.sharpness_aware(RHO, perturbation=so.preconditioned(b2=0.99))
+  out, state = update(tx, params, batch)
+  pre = state.perturbation_state
+  assert isinstance(pre, so.PreconditionedState)
+  assert jax.tree.structure(pre.nu) == jax.tree.structure(params)
+  g = flat(jax.grad(mlp_loss)(params, batch))
+  u = g / (np.abs(g) + 1e-8)   # step 1: v^ = g^2
+  point, _ = sam_point(params, batch, direction=u / np.linalg.norm(u))
+  np.testing.assert_allclose(flat(out), flat(jax.grad(mlp_loss)(point, batch)), rtol=1e-5,
+                             atol=1e-7)
+
+
+def test_preconditioned_can_read_the_base_adams_second_moment():
+  """moments="adam": no buffer; d from the base Adam's nu of the previous step (an EMA of the
+  perturbed gradients Adam consumed), bias-corrected with Adam's count. By hand over 3 steps."""
+  params, b2, lr, eps = mlp_init(7), 0.95, 1e-2, 1e-8
+  tx = optax.chain(so.sharpness_aware(RHO, perturbation=so.preconditioned(b2, moments="adam")),
+                   optax.adam(lr, b2=b2))
+  state = tx.init(params)
+  assert state[0].perturbation_state.nu is None
+  w, m, v = flat(params), 0.0, np.zeros(flat(params).size)
+  p = params
+  for t in range(3):
+    batch = make_data(t)
+    grad_fn = lambda q, b=batch: jax.grad(mlp_loss)(q, b)
+    out, state = tx.update(grad_fn(p), state, p, grad_fn=grad_fn, adam_state=state)
+    p = optax.apply_updates(p, out)
+    g = flat(grad_fn(unflat(w, params)))
+    u = g if t == 0 else g / (np.sqrt(v / (1 - b2 ** t)) + eps)
+    point = unflat(w + RHO * u / np.linalg.norm(u), params)
+    g_tilde = flat(grad_fn(point))
+    m = 0.9 * m + 0.1 * g_tilde
+    v = b2 * v + (1 - b2) * g_tilde ** 2
+    w = w - lr * (m / (1 - 0.9 ** (t + 1))) / (np.sqrt(v / (1 - b2 ** (t + 1))) + eps)
+    np.testing.assert_allclose(flat(p), w, rtol=1e-4, atol=1e-6)
+  with pytest.raises(ValueError, match="adam_state"):
+    tx.update(grad_fn(p), state, p, grad_fn=grad_fn)

@@ -1,4 +1,5 @@
-"""The core transform and the foundation perturbations against closed forms and hand-written steps."""
+"""The core transform and the foundation perturbations against closed forms and hand-written
+steps."""
 
 import jax
 import jax.numpy as jnp
@@ -77,7 +78,8 @@ def test_masked_accepts_callable_mask_and_asam_kernels_only():
   grad_fn = lambda p: p  # returns the point it is evaluated at
 
   eta, rho = 0.01, 0.5
-  tx = sam_optax.sharpness_aware(rho, perturbation=sam_optax.adaptive(eta, where=sam_optax.kernel_mask))
+  tx = sam_optax.sharpness_aware(rho,
+                                 perturbation=sam_optax.adaptive(eta, where=sam_optax.kernel_mask))
   point, _ = apply_once(tx, grads, params, grad_fn)
   # kernels (rank >= 2 or named kernel) get T = |w| + eta, the rest T = 1; one joint norm
   leaves_w = jax.tree.leaves(params)
@@ -87,7 +89,8 @@ def test_masked_accepts_callable_mask_and_asam_kernels_only():
   t = [np.abs(np.asarray(w)) + eta if k else np.ones_like(np.asarray(w))
        for w, k in zip(leaves_w, is_kernel, strict=False)]
   tg = np.concatenate([(ti * np.asarray(g)).ravel() for ti, g in zip(t, leaves_g, strict=False)])
-  expected = np.concatenate([(np.asarray(w) + rho * ti**2 * np.asarray(g) / np.linalg.norm(tg)).ravel()
+  scale = rho / np.linalg.norm(tg)
+  expected = np.concatenate([(np.asarray(w) + scale * ti**2 * np.asarray(g)).ravel()
                              for w, ti, g in zip(leaves_w, t, leaves_g, strict=False)])
   np.testing.assert_allclose(flat(point), expected, rtol=1e-5)
 
@@ -101,9 +104,10 @@ def _hand_sam_grad(params, batch, rho):
 def _hand_asam_grad(params, batch, rho, eta):
   g = jax.grad(mlp_loss)(params, batch)
   t = jax.tree.map(lambda w: jnp.abs(w) + eta, params)
-  n = jnp.sqrt(sum(jnp.sum((ti * gi) ** 2) for ti, gi in zip(jax.tree.leaves(t), jax.tree.leaves(g), strict=False)))
-  return jax.grad(mlp_loss)(jax.tree.map(lambda w, ti, gi: w + rho * ti * ti * gi / n, params, t, g),
-                            batch)
+  n = jnp.sqrt(sum(jnp.sum((ti * gi) ** 2) for ti, gi in zip(jax.tree.leaves(t),
+                                                             jax.tree.leaves(g), strict=False)))
+  point = jax.tree.map(lambda w, ti, gi: w + rho * ti * ti * gi / n, params, t, g)
+  return jax.grad(mlp_loss)(point, batch)
 
 
 @pytest.mark.parametrize("variant", ["sam", "asam"])
@@ -282,7 +286,9 @@ def test_grad_fn_with_wrong_structure_or_shapes_names_the_leaves():
   tx = sam_optax.sharpness_aware()
   state = tx.init(params)
   bad_structure = lambda p: {"dense": p["dense"]}
-  with pytest.raises(ValueError, match=r"missing leaves: \['out'\]\[0\], \['out'\]\[1\]; unexpected leaves: none"):
+  with pytest.raises(ValueError,
+                     match=r"missing leaves: \['out'\]\[0\], \['out'\]\[1\]; unexpected leaves: "
+                            "none"):
     jax.jit(lambda s: tx.update(grads, s, params, grad_fn=bad_structure))(state)
   bad_shape = lambda p: {**p, "dense": {"kernel": jnp.zeros((3, 4)), "bias": p["dense"]["bias"]}}
   with pytest.raises(ValueError, match=r"\['dense'\]\['kernel'\]: \(3, 4\) vs \(4, 3\)"):
