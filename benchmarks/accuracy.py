@@ -27,8 +27,11 @@ import jax.numpy as jnp
 import numpy as np
 from scipy import ndimage
 
-from sam_optax import demo
-from sam_optax import flax_training as ft
+from sam_optax import flax as ft
+from sam_optax.datasets import load_digits
+from sam_optax.demo.models import make_model
+from sam_optax.demo.recipes import optimizers
+from sam_optax.demo.train import train_one
 
 RHO = 0.1
 VARIANTS = ["sgd", "sam", "asam", "gsam", "looksam", "randomized", "msam", "fsam"]
@@ -64,7 +67,7 @@ def main():
   args = ap.parse_args()
   noises = [float(n) for n in args.noise.split(",")]
   variants = args.variants.split(",")
-  model = demo.make_model("cnn", head="relu")  # the head of the committed runs (the demo now uses "bn")
+  model = make_model("cnn", head="relu")  # the head of the committed runs (the demo now uses "bn")
   evaluate = ft.make_linen_eval_step()
   steps = args.epochs * (1203 // 64)
   print(f"# digits CNN, {args.epochs} epochs, {args.seeds} seeds, jax {jax.__version__}, "
@@ -75,18 +78,19 @@ def main():
       loaded = json.load(f)
     results["noise"] = {float(n): v for n, v in loaded["noise"].items()}
     results["shift"] = loaded["shift"]
-    results["rho_sweep"] = {k: {float(r): x for r, x in v.items()} for k, v in loaded["rho_sweep"].items()}
+    results["rho_sweep"] = {k: {float(r): x for r, x in v.items()}
+                            for k, v in loaded["rho_sweep"].items()}
     noises = sorted(results["noise"])
     variants = list(results["noise"][noises[0]])
   t0 = time.time()
   for noise in ([] if args.from_json else noises):
-    table = demo.optimizers(0.05, steps, RHO)
+    table = optimizers(0.05, steps, RHO)
     results["noise"][noise] = {}
     for name in variants:
       accs, shifts = [], {k: [] for k in ("noise", "blur", "rotate")}
       for seed in range(args.seeds):
-        data = demo.load_digits(seed, noise)
-        run = demo.train_one(model, table[name], data, epochs=args.epochs, batch_size=64, seed=seed,
+        data = load_digits(seed, noise)
+        run = train_one(model, table[name], data, epochs=args.epochs, batch_size=64, seed=seed,
                              with_sharpness=False)
         accs.append(run.accs[-1])
         if noise == 0.4:
@@ -101,11 +105,11 @@ def main():
     results["rho_sweep"][name] = {}
     for rho in [float(r) for r in args.rhos.split(",")]:
       base_rho = rho if name == "sam" else rho / 10  # asam's factory multiplies by 10
-      table = demo.optimizers(0.05, steps, base_rho)
+      table = optimizers(0.05, steps, base_rho)
       accs = []
       for seed in range(args.seeds):
-        data = demo.load_digits(seed, 0.4)
-        accs.append(demo.train_one(model, table[name], data, epochs=args.epochs, batch_size=64,
+        data = load_digits(seed, 0.4)
+        accs.append(train_one(model, table[name], data, epochs=args.epochs, batch_size=64,
                                    seed=seed, with_sharpness=False).accs[-1])
       results["rho_sweep"][name][rho] = mean_std(accs)
       print(f"rho sweep {name} rho={rho}: {results['rho_sweep'][name][rho][0]:.2f} ± "
@@ -117,7 +121,8 @@ def main():
   print("\n| optimizer | " + " | ".join(f"{int(100 * n)}% noise" for n in noises) + " |")
   print("|---|" + "---|" * len(noises))
   for name in variants:
-    cells = [f"{results['noise'][n][name][0]:.2f} ± {results['noise'][n][name][1]:.2f}" for n in noises]
+    cells = [f"{results['noise'][n][name][0]:.2f} ± "
+             f"{results['noise'][n][name][1]:.2f}" for n in noises]
     print(f"| {name} | " + " | ".join(cells) + " |")
   if results["shift"] and 0.4 in results["noise"]:
     print("\n| optimizer (40% noise) | clean test | gaussian noise | blur | rotate ±15° |")
@@ -131,7 +136,8 @@ def main():
   print("|---|" + "---|" * len(results["rho_sweep"]))
   for rho in results["rho_sweep"].get("sam", {}):
     print(f"| {rho} | " + " | ".join(f"{results['rho_sweep'][n][rho][0]:.2f} ± "
-                                      f"{results['rho_sweep'][n][rho][1]:.2f}" for n in results["rho_sweep"]) + " |")
+                                      f"{results['rho_sweep'][n][rho][1]:.2f}"
+                                      for n in results["rho_sweep"]) + " |")
 
   import matplotlib
   matplotlib.use("Agg")

@@ -8,7 +8,8 @@ the machine's cores, so this measures SPMD overhead, not a speed-up.
 
 import os
 
-os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS",
+                                         "") + " --xla_force_host_platform_device_count=8"
 
 import time  # noqa: E402
 
@@ -34,7 +35,8 @@ def main(reps=8, block=10):
     h, t = batch
     for layer in p[:-1]:
       h = jax.nn.relu(h @ layer["kernel"] + layer["bias"])
-    return optax.softmax_cross_entropy_with_integer_labels(h @ p[-1]["kernel"] + p[-1]["bias"], t).mean()
+    return optax.softmax_cross_entropy_with_integer_labels(h @ p[-1]["kernel"] + p[-1]["bias"],
+                                                           t).mean()
 
   opt = sam_optax.sam(optax.sgd(0.05, momentum=0.9), 0.05)
 

@@ -31,8 +31,10 @@ import numpy as np
 import optax
 
 import sam_optax as so
-from sam_optax import demo
-from sam_optax import flax_training as ft
+from sam_optax import flax as ft
+from sam_optax.datasets import load_mnist5k
+from sam_optax.demo.models import make_model
+from sam_optax.demo.recipes import Recipe, make_step, optimizers
 from sam_optax.diagnostics import linen_dead_unit_fractions
 
 PROBE_STEPS = (0, 5, 10, 20, 30, 50)
@@ -46,7 +48,8 @@ def esam_control_step(rho: float, mode: str):
 
   def step(state, batch, key):
     x, y, noisy = batch
-    apply = lambda p, xb: state.apply_fn({"params": p, "batch_stats": state.batch_stats}, xb, train=True,
+    apply = lambda p, xb: state.apply_fn({"params": p, "batch_stats": state.batch_stats}, xb,
+                                         train=True,
                                          rngs={"dropout": key}, mutable=["batch_stats"])
 
     def clean(p):
@@ -67,10 +70,12 @@ def esam_control_step(rho: float, mode: str):
       top = jnp.argsort(-scores, stable=True)[: math.ceil(0.5 * len(y))]
       metrics["noisy_selected"] = jnp.mean(noisy[top])
       metrics["noisy_batch"] = jnp.mean(noisy)
+    objective = so.Objective(lambda p, b: apply(p, b[0])[0],
+                             lambda out, b: ft.per_example_cross_entropy(out, b[1]), (x, y),
+                             clean_losses=example_losses)
     updates, opt_state = state.tx.update(grads, state.opt_state, state.params,
                                          grad_fn=lambda p: jax.grad(lambda q: clean(q)[0])(p),
-                                         example_losses=example_losses, value=loss,
-                                         per_example_loss_fn=losses_at, batch=(x, y))
+                                         value=loss, objective=objective)
     new = state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
                         opt_state=opt_state, batch_stats=stats)
     return new, metrics
@@ -80,11 +85,11 @@ def esam_control_step(rho: float, mode: str):
 
 def run(head: str, name: str, data, clean_y, args) -> dict:
   x_tr, y_tr, x_te, y_te = data
-  model = demo.make_model("cnn", head)
+  model = make_model("cnn", head)
   spe = len(y_tr) // 64
   sched_steps = args.schedule_epochs * spe
   rho = {"sam_0.1": 0.1}.get(name, args.rho)
-  table = demo.optimizers(0.05, sched_steps, rho, spe, args.schedule_epochs)
+  table = optimizers(0.05, sched_steps, rho, spe, args.schedule_epochs)
   sgd = lambda: optax.sgd(optax.cosine_decay_schedule(0.05, sched_steps), momentum=0.9)
   key = jax.random.key(args.seed)
   variables = model.init({"params": key}, jnp.asarray(x_tr[:2]), train=False)
@@ -93,8 +98,8 @@ def run(head: str, name: str, data, clean_y, args) -> dict:
     tx = make_tx(sgd())
   else:
     recipe = table[name.split("_")[0]]
-    tx = recipe.make_opt() if isinstance(recipe, demo.Recipe) else recipe()
-    step = jax.jit(demo._make_step(recipe))
+    tx = recipe.make_opt() if isinstance(recipe, Recipe) else recipe()
+    step = jax.jit(make_step(recipe))
   state = ft.TrainState.create(apply_fn=model.apply, params=variables["params"], tx=tx,
                                batch_stats=variables["batch_stats"])
   probe = jnp.asarray(x_tr[:512])
@@ -102,14 +107,16 @@ def run(head: str, name: str, data, clean_y, args) -> dict:
 
   @jax.jit
   def live(state):
-    f = linen_dead_unit_fractions(state.apply_fn, {"params": state.params, "batch_stats": state.batch_stats},
+    f = linen_dead_unit_fractions(state.apply_fn,
+                                  {"params": state.params, "batch_stats": state.batch_stats},
                                   probe, capture=False, mutable=("batch_stats",), train=True,
                                   rngs={"dropout": jax.random.key(0)})
     return 1.0 - f["head"], 1.0 - jnp.maximum(f["conv1"], f["conv2"])
 
   @jax.jit
   def logit_spread(state):
-    logits = state.apply_fn({"params": state.params, "batch_stats": state.batch_stats}, probe, train=False)
+    logits = state.apply_fn({"params": state.params, "batch_stats": state.batch_stats}, probe,
+                            train=False)
     return jnp.mean(jnp.std(logits, axis=0))
 
   noisy = (y_tr != clean_y).astype(np.float32)
@@ -145,16 +152,17 @@ def main():
   ap.add_argument("--heads", default="relu,bn")
   ap.add_argument("--optimizers", default="sgd,sam,sam_0.1,esam,esam_random,esam_l2")
   ap.add_argument("--epochs", type=int, default=2, help="epochs trained")
-  ap.add_argument("--schedule-epochs", type=int, default=10, help="length of the lr schedule (the demo's run)")
+  ap.add_argument("--schedule-epochs", type=int, default=10,
+                  help="length of the lr schedule (the demo's run)")
   ap.add_argument("--rho", type=float, default=0.05)
   ap.add_argument("--noise", type=float, default=0.4)
   ap.add_argument("--seed", type=int, default=0)
   args = ap.parse_args()
-  data = demo.load_mnist5k(args.seed, args.noise)
-  clean_y = demo.load_mnist5k(args.seed, 0.0)[1]
-  print(f"# MNIST-5k, demo CNN, {args.noise:.0%} noise, seed {args.seed}, rho {args.rho} (sam_0.1: 0.1), "
-        f"lr schedule over {args.schedule_epochs} epochs, jax {jax.__version__}, {jax.default_backend()}, "
-        f"{time.strftime('%Y-%m-%d')}")
+  data = load_mnist5k(args.seed, args.noise)
+  clean_y = load_mnist5k(args.seed, 0.0)[1]
+  print(f"# MNIST-5k, demo CNN, {args.noise:.0%} noise, seed {args.seed}, rho {args.rho} (sam_0.1: "
+        f"0.1), lr schedule over {args.schedule_epochs} epochs, jax {jax.__version__}, "
+        f"{jax.default_backend()}, {time.strftime('%Y-%m-%d')}")
   steps = " | ".join(f"step {s}" for s in PROBE_STEPS)
   ep = " | ".join(f"ep {e + 1}: live / loss / acc / logit std" for e in range(args.epochs))
   print(f"| head | optimizer | {steps} | {ep} | noisy share selected / batch |")
@@ -163,7 +171,8 @@ def main():
     for name in args.optimizers.split(","):
       r = run(head, name, data, clean_y, args)
       cells = [f"{100 * r['steps'][s]:.0f}%" for s in PROBE_STEPS]
-      cells += [f"{100 * e['head_live']:.0f}% / {e['loss']:.3f} / {100 * e['test_acc']:.1f} / {e['logit_std']:.3f}"
+      cells += [f"{100 * e['head_live']:.0f}% / {e['loss']:.3f} / {100 * e['test_acc']:.1f} / "
+                f"{e['logit_std']:.3f}"
                 for e in r["epochs"]]
       sel = "; ".join(f"{100 * e['noisy_selected']:.1f} / {100 * e['noisy_batch']:.1f}"
                       for e in r["epochs"] if "noisy_selected" in e)

@@ -33,9 +33,12 @@ import numpy as np
 import optax
 
 import sam_optax as so
-from sam_optax import demo, sharpness
-from sam_optax import flax_training as ft
+from sam_optax import flax as ft
+from sam_optax import sharpness
 from sam_optax.datasets import load_digits, load_mnist5k
+from sam_optax.demo.models import make_model
+from sam_optax.demo.recipes import DEFAULT_RHO
+from sam_optax.demo.train import train_one
 
 BN_KERNELS = ("Conv_0", "Conv_1")  # each feeds a BatchNorm in the demo's CNN (relu head)
 
@@ -73,13 +76,14 @@ def lambda_max(epochs: int, seeds: int) -> None:
   n = epochs * spe
   txs = {"sgd": lambda: _sgd(n), "sam": lambda: so.sam(_sgd(n), 0.05)}
   print(f"\n## lambda_max: MNIST-5k, 40% noise, demo CNN (relu head), {epochs} epochs\n")
-  print("| optimizer | seed | final test acc | λ_max | adaptive sharpness (ρ=0.1) | L2 max-sharpness "
-        "(ρ=0.05) | ‖w‖ of the BN-fed kernels | the same, those kernels at unit norm: λ_max / "
-        "adaptive / L2 |")
+  print("| optimizer | seed | final test acc | λ_max | adaptive sharpness (ρ=0.1) | L2 "
+        "max-sharpness (ρ=0.05) | ‖w‖ of the BN-fed kernels | the same, those kernels at unit "
+        "norm: λ_max / adaptive / L2 |")
   print("|---|---|---|---|---|---|---|---|")
   for seed in range(seeds):
     for name, tx in txs.items():
-      run = demo.train_one(demo.make_model("cnn", head="relu"), tx, data, epochs=epochs, batch_size=64, seed=seed,
+      run = train_one(make_model("cnn", head="relu"), tx, data, epochs=epochs, batch_size=64,
+                      seed=seed,
                            with_sharpness=False, log=lambda *_: None)
       state = run.state
       p = state.params
@@ -89,7 +93,8 @@ def lambda_max(epochs: int, seeds: int) -> None:
       def measure(p, stats):
         loss_fn = _loss(state, x, y, stats)
         lam, _ = sharpness.hessian_top_eigenvalue(loss_fn, p, num_iters=20, unroll=True)
-        ada = sharpness.max_sharpness(loss_fn, p, 0.1, perturbation=so.adaptive(), steps=5, unroll=True)
+        ada = sharpness.max_sharpness(loss_fn, p, 0.1, perturbation=so.adaptive(), steps=5,
+                                      unroll=True)
         l2 = sharpness.max_sharpness(loss_fn, p, 0.05, steps=5, unroll=True)
         return lam, ada, l2
 
@@ -97,18 +102,19 @@ def lambda_max(epochs: int, seeds: int) -> None:
       lam, ada, l2 = (float(v) for v in measure(p, state.batch_stats))
       lam_u, ada_u, l2_u = (float(v) for v in measure(unit, unit_stats))
       norms = "/".join(f"{float(jnp.linalg.norm(p[k]['kernel'])):.2f}" for k in BN_KERNELS)
-      print(f"| {name} | {seed} | {100 * run.accs[-1]:.2f} | {lam:.2f} | {ada:.4f} | {l2:.4f} | {norms} | "
-            f"{lam_u:.2f} / {ada_u:.4f} / {l2_u:.4f} (loss moved {same:.1e}) |", flush=True)
+      print(f"| {name} | {seed} | {100 * run.accs[-1]:.2f} | {lam:.2f} | {ada:.4f} | {l2:.4f} | "
+            f"{norms} | {lam_u:.2f} / {ada_u:.4f} / {l2_u:.4f} (loss moved "
+            f"{same:.1e}) |", flush=True)
 
 
 def looksam(epochs: int, seeds: int) -> None:
   data_of = lambda s: load_digits(s, 0.4)
   spe = len(data_of(0)[1]) // 64
   n = epochs * spe
-  rho = demo.DEFAULT_RHO["digits"]
+  rho = DEFAULT_RHO["digits"]
   print(f"\n## LookSAM: digits, 40% noise, demo CNN, ρ = {rho}, {epochs} epochs\n")
   # SAM's own correction along its run, from its telemetry (cosine recorded with "full")
-  run = demo.train_one(demo.make_model("cnn"),
+  run = train_one(make_model("cnn"),
                        lambda: optax.chain(so.sharpness_aware(rho, telemetry="full"), _sgd(n)),
                        data_of(0), epochs=epochs, batch_size=64, seed=0, with_sharpness=False,
                        log=lambda *_: None)
@@ -116,8 +122,9 @@ def looksam(epochs: int, seeds: int) -> None:
   g, ga, cos = (np.asarray(h[k]) for k in ("clean_grad_norm", "perturbed_grad_norm", "cosine"))
   rel = np.sqrt(np.maximum(g ** 2 + ga ** 2 - 2 * cos * g * ga, 0)) / np.maximum(g, 1e-12)
   print("SAM's correction ‖g_adv − g‖ / ‖g‖ (epoch means of the per-step norms and cosine), epochs "
-        "1, 2, 5, 10, last: " + ", ".join(f"{rel[i]:.2f}" for i in (0, 1, 4, 9, epochs - 1) if i < epochs)
-        + f"; LookSAM's push on a reuse step is α = 0.7 by construction\n")
+        "1, 2, 5, 10, last: "
+        + ", ".join(f"{rel[i]:.2f}" for i in (0, 1, 4, 9, epochs - 1) if i < epochs)
+        + "; LookSAM's push on a reuse step is α = 0.7 by construction\n")
   txs = {"sgd": lambda: _sgd(n), "sam": lambda: so.sam(_sgd(n), rho)}
   for a in (0.7, 0.3, 0.1):
     txs[f"looksam α={a}"] = (lambda a=a: optax.chain(so.looksam(rho, k=5, alpha=a), _sgd(n)))
@@ -126,7 +133,7 @@ def looksam(epochs: int, seeds: int) -> None:
   for name, tx in txs.items():
     accs, best = [], []
     for seed in range(seeds):
-      r = demo.train_one(demo.make_model("cnn"), tx, data_of(seed), epochs=epochs, batch_size=64,
+      r = train_one(make_model("cnn"), tx, data_of(seed), epochs=epochs, batch_size=64,
                          seed=seed, with_sharpness=False, log=lambda *_: None)
       accs.append(100 * r.accs[-1])
       best.append(100 * max(r.accs))

@@ -57,7 +57,7 @@ import optax
 
 import sam_optax as so
 from sam_optax import calibration, sharpness, trajectory
-from sam_optax import flax_training as ft
+from sam_optax import flax as ft
 from sam_optax.datasets import load_fashion_mnist
 
 from .claims import common as C
@@ -225,9 +225,11 @@ def _evaluator(model: nn.Module):
   @jax.jit
   def sharp(variables, x, y):
     rest = {k: v for k, v in variables.items() if k != "params"}
-    loss = lambda p: jnp.mean(ft.per_example_cross_entropy(model.apply({"params": p, **rest}, x), y))
+    loss = lambda p: jnp.mean(
+        ft.per_example_cross_entropy(model.apply({"params": p, **rest}, x), y))
     lam, _ = sharpness.hessian_top_eigenvalue(loss, variables["params"], num_iters=20, unroll=True)
-    ada = sharpness.max_sharpness(loss, variables["params"], 0.1, perturbation=so.adaptive(), steps=5,
+    ada = sharpness.max_sharpness(loss, variables["params"], 0.1, perturbation=so.adaptive(),
+                                  steps=5,
                                   unroll=True)
     return lam, ada
 
@@ -245,7 +247,8 @@ def score(run: Run, test: dict, probe: tuple, noisy: np.ndarray | None) -> dict:
   v = run.variables()
   probs = _predict(logits, v, test["x"])
   out = {"final": float(np.mean(probs.argmax(-1) == test["y"])),
-         "ece": float(calibration.expected_calibration_error(jnp.asarray(probs), jnp.asarray(test["y"])))}
+         "ece": float(calibration.expected_calibration_error(jnp.asarray(probs),
+                                                             jnp.asarray(test["y"])))}
   out["corrupted"] = {k: float(np.mean(_predict(logits, v, test[k]).argmax(-1) == test["y"]))
                       for k in CORRUPTIONS}
   out["corrupted_mean"] = float(np.mean(list(out["corrupted"].values())))
@@ -286,7 +289,8 @@ def sweep(model: str, names: list[str], epochs: int, log) -> dict:
     scores = {v: accuracy(r, x_tr[va], y_tr[va]) for v, r in runs.items()}
     best = max(scores, key=lambda k: scores[k])
     chosen[name] = {"value": best, "what": m.what, "scores": {str(k): s for k, s in scores.items()}}
-    log(f"  sweep {model} {name}: " + ", ".join(f"{m.what}={k}: {100 * s:.1f}" for k, s in scores.items())
+    log(f"  sweep {model} "
+        f"{name}: " + ", ".join(f"{m.what}={k}: {100 * s:.1f}" for k, s in scores.items())
         + f" -> {best}")
   return chosen
 
@@ -308,7 +312,7 @@ def final(model: str, names: list[str], chosen: dict, epochs: int, seeds: int, n
       here = [n for n in names if noise > 0 or n not in FRONTIER_ONLY]
       runs = {n: Run(trainers[n], seed, x, y) for n in here}
       for epoch in range(epochs):
-        for n, r in runs.items():
+        for r in runs.values():
           r.epoch(epoch)
           r.curve.append(accuracy(r, test["x"], test["y"]))
       for n, r in runs.items():
@@ -348,12 +352,14 @@ def table(summary: dict, chosen: dict) -> str:
   for noise, per in summary.items():
     lines += [f"\n**{float(noise):.0%} label noise**\n",
               "| method | chosen | final acc | best acc | corrupted acc | ECE | " +
-              ("noisy labels fit | " if float(noise) > 0 else "") + "λ_max | adaptive sharpness | × SGD time |",
+              ("noisy labels fit | " if float(noise) > 0 else "") +
+              "λ_max | adaptive sharpness | × SGD time |",
               "|---" * (10 if float(noise) > 0 else 9) + "|"]
     for n, r in per.items():
       c = chosen[n]
       pm = lambda k, s=100, d=2: f"{s * r[k][0]:.{d}f} ± {s * r[k][1]:.{d}f}"
-      cells = [n, "-" if c["value"] is None else f"{c['what']} = {c['value']}", pm("final"), pm("best"),
+      cells = [n, "-" if c["value"] is None else f"{c['what']} = {c['value']}", pm("final"),
+               pm("best"),
                pm("corrupted_mean"), pm("ece", 1, 3)]
       if float(noise) > 0:
         cells.append(pm("noisy_fit", 100, 1))
@@ -376,13 +382,15 @@ def plots(saved: dict, out: str) -> None:
     xs = np.arange(len(names))
     for k, (key, col) in enumerate((("final", "tab:blue"), ("best", "tab:grey"))):
       ax.errorbar(xs + (k - 0.5) * 0.25, [100 * per[n][key][0] for n in names],
-                  yerr=[100 * per[n][key][1] for n in names], fmt="o", color=col, capsize=2, label=key)
+                  yerr=[100 * per[n][key][1] for n in names], fmt="o", color=col, capsize=2,
+                  label=key)
     ax.set_xticks(xs, names, rotation=60, fontsize=8)
     ax.set_title(f"{m}, {float(nz):.0%} noise")
     ax.grid(alpha=0.3)
     ax.set_ylabel("test accuracy (%)")
     ax.legend(fontsize=8)
-  fig.suptitle("Fashion-MNIST (60,000 training images): final and best test accuracy, mean ± std over seeds")
+  fig.suptitle("Fashion-MNIST (60,000 training images): final and best test accuracy, mean ± std "
+               "over seeds")
   fig.tight_layout()
   fig.savefig(os.path.join(out, "fashion_mnist_accuracy.png"), dpi=110)
   plt.close(fig)
@@ -392,11 +400,13 @@ def plots(saved: dict, out: str) -> None:
     per = saved["summary"][m][f"{NOISE:g}"]
     sam = per.get("sam")
     if sam:
-      ax.axhspan(100 * (sam["final"][0] - sam["final"][1]), 100 * (sam["final"][0] + sam["final"][1]),
+      ax.axhspan(100 * (sam["final"][0] - sam["final"][1]),
+                 100 * (sam["final"][0] + sam["final"][1]),
                  color="tab:orange", alpha=0.15, label="SAM mean ± std")
     ax.axvline(1.25, color="grey", ls="--", lw=1, label="1.25 × SGD")
     for n, r in per.items():
-      ax.errorbar(r["time_ratio"], 100 * r["final"][0], yerr=100 * r["final"][1], fmt="o", capsize=3)
+      ax.errorbar(r["time_ratio"], 100 * r["final"][0], yerr=100 * r["final"][1], fmt="o",
+                  capsize=3)
       ax.annotate(n, (r["time_ratio"], 100 * r["final"][0]), textcoords="offset points",
                   xytext=(5, 4), fontsize=8)
     ax.set_xlabel("training wall clock (× SGD)")
@@ -456,8 +466,9 @@ def main():
       names.insert(0, n)
   t_start = time.perf_counter()
   log = lambda s: print(f"[{time.perf_counter() - t_start:7.1f}s] {s}", flush=True)
-  header = (f"{platform.node()}, {os.cpu_count()} CPUs, jax {jax.__version__} {jax.default_backend()}, "
-            f"{time.strftime('%Y-%m-%d')}; Fashion-MNIST 60,000/10,000, epochs {epochs}, {seeds} seeds")
+  header = (f"{platform.node()}, {os.cpu_count()} CPUs, jax {jax.__version__} "
+            f"{jax.default_backend()}, {time.strftime('%Y-%m-%d')}; Fashion-MNIST 60,000/10,000, "
+            f"epochs {epochs}, {seeds} seeds")
   print("# " + header, flush=True)
   _, _, x_te, y_te = load_fashion_mnist(0, 0.0)
   shifted = C.corruptions(x_te[..., 0])  # (N, 28, 28): blur and rotation in the image plane
@@ -467,7 +478,8 @@ def main():
     chosen = sweep(model, names, epochs[model], log)
     noises = [0.0, NOISE] if model in args.clean_models.split(",") else [NOISE]
     runs = final(model, names, chosen, epochs[model], seeds, noises, test, log)
-    saved["sweep"][model], saved["runs"][model], saved["summary"][model] = chosen, runs, summarize(runs)
+    saved["sweep"][model], saved["runs"][model], saved["summary"][model] = (
+        chosen, runs, summarize(runs))
     print(f"\n### {model}\n" + table(saved["summary"][model], chosen), flush=True)
   saved["total_s"] = time.perf_counter() - t_start
   log("done")

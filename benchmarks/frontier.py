@@ -43,7 +43,7 @@ import numpy as np
 import optax
 
 import sam_optax as so
-from sam_optax import flax_training as ft
+from sam_optax import flax as ft
 from sam_optax import trajectory
 from sam_optax.datasets import load_mnist5k
 
@@ -92,17 +92,19 @@ def variants() -> dict[str, Variant]:
       "looksam": Variant(lambda v, n, spe, e: plain(optax.chain(so.looksam(v, k=5), _sgd(n))),
                          (0.02, 0.05, 0.1), "ρ", frac),
       "randomized": Variant(
-          lambda v, n, spe, e: plain(optax.chain(so.randomized(so.sharpness_aware(v), 0.5), _sgd(n))),
+          lambda v, n, spe, e: plain(optax.chain(
+              so.randomized(so.sharpness_aware(v), 0.5), _sgd(n))),
           (0.02, 0.05, 0.1), "ρ", frac),
       "ae_sam": Variant(
           lambda v, n, spe, e: plain(optax.chain(
-              so.adaptive_policy(so.sharpness_aware(v), total_steps=n), _sgd(n))),
+              so.ae_sam(so.sharpness_aware(v), total_steps=n), _sgd(n))),
           (0.02, 0.05, 0.1), "ρ", frac),
       "msam": Variant(lambda v, n, spe, e: plain(so.msam(_sgd(n), rho=v)), (0.1, 0.3, 1.0), "ρ",
                       lambda s: 1.0),
       # XLA:CPU runs a vmapped pair of convolutions as a grouped convolution, ~2.5x slower
       # than two plain ones (benchmarks/step_cost.py): here the two calls, still independent.
-      "sampa": Variant(lambda v, n, spe, e: (so.sampa(_sgd(n), v, 0.2, vectorize=False), "sampa", {}),
+      "sampa": Variant(lambda v, n, spe,
+                       e: (so.sampa(_sgd(n), v, 0.2, vectorize=False), "sampa", {}),
                        (0.05, 0.1, 0.2), "ρ", lambda s: 2.0),
       "saf": Variant(lambda v, n, spe, e: (_sgd(n), "saf", dict(
           steps_per_epoch=spe, weight=v, temperature=5.0, start_epoch=_window(e))),
@@ -156,7 +158,8 @@ class Run:
     for i in range(self.spe):
       idx = jnp.asarray(order[i * BATCH:(i + 1) * BATCH])
       batch = (self.x[idx], self.y[idx]) + ((idx,) if self.kind == "saf" else ())
-      self.state, _ = self.step(self.state, batch, jax.random.fold_in(self.key, epoch * self.spe + i))
+      self.state, _ = self.step(self.state, batch,
+                                jax.random.fold_in(self.key, epoch * self.spe + i))
     jax.block_until_ready(self.state.params)
     if epoch > 0:  # epoch 0 compiles
       self.epoch_s.append(time.perf_counter() - t0)
@@ -169,7 +172,8 @@ class Run:
     return float(jnp.mean(jnp.argmax(logits, -1) == jnp.asarray(self.data[3])))
 
   def stats(self) -> dict:
-    return {k: float(v) for k, v in so.metrics(self.state.opt_state).items() if k == "sam_step_fraction"}
+    return {k: float(v) for k, v in so.metrics(self.state.opt_state).items()
+            if k == "sam_step_fraction"}
 
 
 def selection_noise(rho: float, epochs: int, width: int, seed: int = 0) -> dict:
@@ -318,9 +322,10 @@ def main():
     return
   t_start = time.perf_counter()
   log = lambda s: print(f"[{time.perf_counter() - t_start:7.1f}s] {s}", flush=True)
-  print(f"# {platform.node()}, {os.cpu_count()} CPUs, jax {jax.__version__} {jax.default_backend()}, "
-        f"{time.strftime('%Y-%m-%d')}; MNIST-5k {NOISE:.0%} noise, CNN width {args.width}, batch {BATCH}, "
-        f"{args.epochs} epochs x {args.seeds} seeds, sweep {args.sweep_epochs} epochs")
+  print(f"# {platform.node()}, {os.cpu_count()} CPUs, jax {jax.__version__} "
+        f"{jax.default_backend()}, {time.strftime('%Y-%m-%d')}; MNIST-5k {NOISE:.0%} noise, CNN "
+        f"width {args.width}, batch {BATCH}, {args.epochs} epochs x {args.seeds} seeds, sweep "
+        f"{args.sweep_epochs} epochs")
   chosen = sweep(names, args.sweep_epochs, args.width, log)
   res = final(names, chosen, args.epochs, args.seeds, args.width, log)
   noise = None

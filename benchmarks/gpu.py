@@ -1,6 +1,7 @@
 """GPU step cost and memory: a ResNet-18-size CNN on CIFAR-shaped random data.
 
-  python benchmarks/gpu.py            # on a GPU machine (pip install -e '.[test]' 'jax[cuda12]'); ~3-4 min
+  python benchmarks/gpu.py            # on a GPU machine (pip install -e '.[test]' 'jax[cuda12]');
+  ~3-4 min
   python benchmarks/gpu.py --tiny     # a seconds-long smoke run on CPU
 
 Prints, per optimizer: median step time (blocks of 10 steps, interleaved), images/s,
@@ -76,13 +77,15 @@ def main():
   loss = loss_of(logits_fn)
   print(f"# {jax.devices()[0].device_kind}, jax {jax.__version__}, ResNet-18 layout width {width}, "
         f"{n_params / 1e6:.1f}M params, batch {batch}, {time.strftime('%Y-%m-%d')}")
-  res = measure_all(params, (x, y), loss, reps=1 if args.tiny else args.reps, block=2 if args.tiny else 10,
+  res = measure_all(params, (x, y), loss, reps=1 if args.tiny else args.reps,
+                    block=2 if args.tiny else 10,
                     logits_fn=logits_fn)
   print("| optimizer | ms/step | images/s | × base | × optax.contrib.sam | compile s | temp MiB |")
   print("|---|---|---|---|---|---|---|")
   for n, r in res.items():
-    print(f"| {n} | {r['median_ms']:.2f} | {1e3 * batch / r['median_ms']:.0f} | {r['vs_base']:.2f} | "
-          f"{r['vs_optax_contrib_sam']:.2f} | {r['compile_s']:.1f} | {r['temp_bytes'] / 2**20:.1f} |")
+    print(f"| {n} | {r['median_ms']:.2f} | {1e3 * batch / r['median_ms']:.0f} | {r['vs_base']:.2f} "
+          f"| {r['vs_optax_contrib_sam']:.2f} | {r['compile_s']:.1f} | "
+          f"{r['temp_bytes'] / 2**20:.1f} |")
 
 
 if __name__ == "__main__":

@@ -21,9 +21,11 @@ import jax
 import numpy as np
 import optax
 
-from sam_optax import demo
 from sam_optax._src.methods.late_phase import late_phase
 from sam_optax._src.methods.sam import sharpness_aware
+from sam_optax.datasets import load_mnist5k
+from sam_optax.demo.models import make_model
+from sam_optax.demo.train import train_one
 
 STEPS_PER_EPOCH = 4000 // 64
 
@@ -49,12 +51,12 @@ def main():
   cols = " | ".join(f"ep {e + 1}: acc / loss" for e in range(args.epochs))
   print(f"| optimizer | seed | {cols} | dead head units | SAM steps | train s |")
   print("|---|---|" + "---|" * args.epochs + "---|---|---|")
-  model = demo.make_model("cnn", head="relu")
+  model = make_model("cnn", head="relu")
   for name, make_opt in table.items():
     for seed in range(args.seeds):
-      data = demo.load_mnist5k(seed, args.noise)
+      data = load_mnist5k(seed, args.noise)
       t0 = time.perf_counter()
-      run = demo.train_one(model, make_opt, data, epochs=args.epochs, batch_size=64, seed=seed,
+      run = train_one(model, make_opt, data, epochs=args.epochs, batch_size=64, seed=seed,
                            with_sharpness=False)
       wall = time.perf_counter() - t0
       loss = run.history["loss"]

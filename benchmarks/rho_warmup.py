@@ -20,7 +20,9 @@ import numpy as np
 import optax
 
 import sam_optax as so
-from sam_optax import demo
+from sam_optax.datasets import load_digits
+from sam_optax.demo.models import make_model
+from sam_optax.demo.train import train_one
 
 
 def main():
@@ -42,17 +44,18 @@ def main():
   }
   print(f"# digits CNN, {args.noise:.0%} noise, {args.epochs} epochs, {args.seeds} seeds, "
         f"jax {jax.__version__}, {jax.default_backend()}, {time.strftime('%Y-%m-%d')}")
-  model = demo.make_model("cnn", head="relu")  # the head of the committed runs (the demo now uses "bn")
+  model = make_model("cnn", head="relu")  # the head of the committed runs (the demo now uses "bn")
   print("| optimizer | test accuracy | runs stuck at chance |\n|---|---|---|")
   for name, make_opt in table.items():
     accs = []
     for seed in range(args.seeds):
-      data = demo.load_digits(seed, args.noise)
-      run = demo.train_one(model, make_opt, data, epochs=args.epochs, batch_size=64, seed=seed,
+      data = load_digits(seed, args.noise)
+      run = train_one(model, make_opt, data, epochs=args.epochs, batch_size=64, seed=seed,
                            with_sharpness=False)
       accs.append(100 * run.accs[-1])
     stuck = sum(a < 20 for a in accs)
-    print(f"| {name} | {np.mean(accs):.2f} ± {np.std(accs):.2f} | {stuck} of {len(accs)} |", flush=True)
+    print(f"| {name} | {np.mean(accs):.2f} ± {np.std(accs):.2f} | {stuck} of {len(accs)} |",
+          flush=True)
 
 
 if __name__ == "__main__":

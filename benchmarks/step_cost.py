@@ -2,7 +2,8 @@
 
 Interleaved A/B: every repetition runs a block of 10 steps of each optimizer's
 jitted, warm step in turn, so machine noise hits all of them alike; the figure
-is the median over repetitions of the per-step block average, reported as a ratio to the base optimizer's step and to
+is the median over repetitions of the per-step block average, reported as a ratio to the base
+optimizer's step and to
 optax.contrib.sam (opaque mode, the peer). Steps that skip the second pass use
 ``sam_optax.gated_jit`` (on CPU it picks a compiled program per branch).
 
@@ -15,7 +16,8 @@ batch with a forward at w + eps and runs the second pass on half of it.
 ``sampa_mesh2``: SAMPa with one gradient per device (``sampa(..., mesh=...)``), against
 SAM on one device. The simulated devices share this machine's cores.
 
-  python benchmarks/step_cost.py [--reps 8] [--models mlp,cnn,transformer] [--widths 128,512,2048] [--mesh]
+  python benchmarks/step_cost.py [--reps 8] [--models mlp,cnn,transformer] [--widths 128,512,2048]
+  [--mesh]
 """
 
 from __future__ import annotations
@@ -80,7 +82,8 @@ def model_and_data(name, batch, width=512):
 
 
 def loss_of(logits_fn):
-  return lambda p, b: optax.softmax_cross_entropy_with_integer_labels(logits_fn(p, b[0]), b[1]).mean()
+  return lambda p, b: optax.softmax_cross_entropy_with_integer_labels(logits_fn(p, b[0]),
+                                                                      b[1]).mean()
 
 
 def model_logits_and_data(name, batch, width=512):
@@ -113,14 +116,18 @@ def make_optimizers(lr=0.05, rho=0.05, *, efficient=False):
       "msam": so.msam(base(), rho=0.3),
       # SAM written out by hand in the step (the same arithmetic, no library): the engine's overhead
       "sam_by_hand": base(),
-      # gated_jit around a step that is jitted itself (issue 19: the branch must reach the inner jit)
+      # gated_jit around a step that is jitted itself (issue 19: the branch must reach the inner
+      # jit)
       "looksam_k5_nested": optax.chain(so.looksam(rho, k=5), base()),
       "wsam": optax.chain(so.wsam(rho, 0.9), base()),
       "stable_sam": optax.chain(so.stable_sam(rho), base()),
       "monge": optax.chain(so.sharpness_aware(rho, perturbation=so.monge()), base()),
-      "preconditioned": optax.chain(so.sharpness_aware(rho, perturbation=so.preconditioned()), base()),
-      # the SGD phase of late-phase SAM (the switch lies beyond the run): the cost of the skipped steps
-      "late_phase_before_switch": optax.chain(so.late_phase(so.sharpness_aware(rho), 10**9), base()),
+      "preconditioned": optax.chain(so.sharpness_aware(rho, perturbation=so.preconditioned()),
+                                    base()),
+      # the SGD phase of late-phase SAM (the switch lies beyond the run): the cost of the skipped
+      # steps
+      "late_phase_before_switch": optax.chain(so.late_phase(so.sharpness_aware(rho), 10**9),
+                                              base()),
       "optax_contrib_sam": optax.contrib.sam(base(), optax.chain(optax.contrib.normalize(),
                                                                  optax.sgd(rho)),
                                              sync_period=2, opaque_mode=True),
@@ -140,13 +147,14 @@ def make_optimizers(lr=0.05, rho=0.05, *, efficient=False):
 
 
 def init_state(name, opt, params, data):
-  if name == "saf":  # the logit store of the batch's examples (lookback 2), next to the optimizer state
+  # the logit store of the batch's examples (lookback 2), next to the optimizer state
+  if name == "saf":
     return opt.init(params), trajectory.saf_init(data[1].shape[0], 10, lookback=2)
   return opt.init(params)
 
 
 def build_efficient_step(name, opt, logits_fn):
-  """SAMPa, SAF, MESA and ESAM steps (as in sam_optax.flax_training, without Flax state)."""
+  """SAMPa, SAF, MESA and ESAM steps (as in sam_optax.flax, without Flax state)."""
   def losses(p, b):
     return optax.softmax_cross_entropy_with_integer_labels(logits_fn(p, b[0]), b[1])
 
@@ -157,8 +165,8 @@ def build_efficient_step(name, opt, logits_fn):
       return optax.apply_updates(p, u), s
   elif name == "functional_sam":
     def step(p, s, b):
-      objective = so.Objective(lambda q, b_: logits_fn(q, b_[0]),
-                               lambda out, b_: optax.softmax_cross_entropy_with_integer_labels(out, b_[1]), b)
+      ce = lambda out, b_: optax.softmax_cross_entropy_with_integer_labels(out, b_[1])
+      objective = so.Objective(lambda q, b_: logits_fn(q, b_[0]), ce, b)
       value, g = jax.value_and_grad(lambda q: jnp.mean(losses(q, b)))(p)
       u, s = opt.update(g, s, p, objective=objective, value=value)
       return optax.apply_updates(p, u), s
@@ -168,7 +176,8 @@ def build_efficient_step(name, opt, logits_fn):
         ex = losses(q, b)
         return jnp.mean(ex), ex
       (_, ex), g = jax.value_and_grad(clean, has_aux=True)(p)
-      u, s = opt.update(g, s, p, per_example_loss_fn=losses, batch=b, example_losses=ex)
+      u, s = opt.update(g, s, p, objective=so.Objective(losses, lambda out, b_: out, b,
+                                                        clean_losses=ex))
       return optax.apply_updates(p, u), s
   elif name == "saf":
     def step(p, s, b):
@@ -265,7 +274,8 @@ def measure_all(params, data, loss, reps, block=BLOCK, logits_fn=None, only=None
   compile_s, memory = {}, {}
   for name, opt in opts.items():
     efficient = name.startswith("sampa") or name in ("saf", "mesa", "esam", "functional_sam")
-    steps[name] = build_efficient_step(name, opt, logits_fn) if efficient else build_step(name, opt, loss)
+    steps[name] = (build_efficient_step(name, opt, logits_fn) if efficient
+                   else build_step(name, opt, loss))
     p = jax.tree.map(jnp.copy, params)
     s = init_state(name, opt, p, data)
     # compile time and compiled memory of the (SAM-branch) program
@@ -273,7 +283,8 @@ def measure_all(params, data, loss, reps, block=BLOCK, logits_fn=None, only=None
     compiled = steps[name].lower(p, s, data).compile()  # a gated step lowers its SAM branch
     compile_s[name] = time.perf_counter() - t0
     mem = compiled.memory_analysis()
-    memory[name] = (getattr(mem, "temp_size_in_bytes", 0), getattr(mem, "argument_size_in_bytes", 0))
+    memory[name] = (getattr(mem, "temp_size_in_bytes", 0),
+                    getattr(mem, "argument_size_in_bytes", 0))
     for _ in range(3):  # warm every program (gated ones have two)
       p, s = steps[name](p, s, data)
     jax.block_until_ready(p)
@@ -308,7 +319,8 @@ def main():
   ap.add_argument("--only", default="", help="comma-separated optimizer names (base and the peer "
                                              "are always included)")
   ap.add_argument("--mesh", action="store_true",
-                  help="also time SAMPa on 2 simulated CPU devices (re-runs cnn,mlp in a subprocess)")
+                  help="also time SAMPa on 2 simulated CPU devices (re-runs cnn,mlp in a "
+                       "subprocess)")
   args = ap.parse_args()
   if args.mesh and jax.device_count() < 2:
     env = dict(os.environ, XLA_FLAGS=(os.environ.get("XLA_FLAGS", "") +
@@ -332,11 +344,13 @@ def main():
                   only=[n for n in args.only.split(",") if n] or None)
     out[key] = res
     print(f"\n## {key}")
-    print("| optimizer | median ms | × base | × optax.contrib.sam | compile s | temp MiB | arg MiB |")
+    print("| optimizer | median ms | × base | × optax.contrib.sam | compile s | temp MiB | arg "
+          "MiB |")
     print("|---|---|---|---|---|---|---|")
     for n, r in res.items():
-      print(f"| {n} | {r['median_ms']:.2f} | {r['vs_base']:.2f} | {r['vs_optax_contrib_sam']:.2f} | "
-            f"{r['compile_s']:.2f} | {r['temp_bytes'] / 2**20:.2f} | {r['arg_bytes'] / 2**20:.2f} |")
+      print(f"| {n} | {r['median_ms']:.2f} | {r['vs_base']:.2f} | {r['vs_optax_contrib_sam']:.2f} "
+            f"| {r['compile_s']:.2f} | {r['temp_bytes'] / 2**20:.2f} | "
+            f"{r['arg_bytes'] / 2**20:.2f} |")
   if args.json:
     with open(args.json, "w") as f:
       json.dump(out, f, indent=1)

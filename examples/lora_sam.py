@@ -1,30 +1,35 @@
-"""SAM on LoRA adapters: a byte-level NNX transformer, pretrained on one part of the Python standard library's
-source and fine-tuned with LoRA on another, AdamW against SAM and Functional-SAM on the adapters only.
+"""SAM on LoRA adapters: a byte-level NNX transformer, pretrained on one part of the Python standard
+library's source and fine-tuned with LoRA on another, AdamW against SAM and Functional-SAM on the
+adapters only.
 
 What it shows:
 
-* LoRA (Hu et al. 2021, arXiv 2106.09685) with ``flax.nnx``: after pretraining, every ``nnx.Linear`` of the
-  transformer blocks is wrapped in ``nnx.LoRA(..., base_module=linear)``; the adapter matrices are
-  ``nnx.LoRAParam`` (a subclass of ``nnx.Param``) and ``nnx.Optimizer(model, tx, wrt=nnx.LoRAParam)`` trains
-  them alone. The base weights stay bitwise unchanged (the test checks it).
-* SAM (Foret et al. 2021, arXiv 2010.01412) on the adapters: ``sam_optax.sam(optax.adamw(...), rho)``, the
-  ascent and the second gradient taken in the adapters' space only. The closure comes from
-  ``sam_optax.flax_training.nnx_value_and_grad_fn`` with the model split as ``(LoRAParam, everything else)``,
-  split before the clean pass so that both passes draw the same dropout masks.
+* LoRA (Hu et al. 2021, arXiv 2106.09685) with ``flax.nnx``: after pretraining, every ``nnx.Linear``
+  of the transformer blocks is wrapped in ``nnx.LoRA(..., base_module=linear)``; the adapter
+  matrices are ``nnx.LoRAParam`` (a subclass of ``nnx.Param``) and
+  ``nnx.Optimizer(model, tx, wrt=nnx.LoRAParam)`` trains them alone. The base weights stay bitwise
+  unchanged (the test checks it).
+* SAM (Foret et al. 2021, arXiv 2010.01412) on the adapters:
+  ``sam_optax.sam(optax.adamw(...), rho)``, the ascent and the second gradient taken in the
+  adapters' space only. The closure comes from ``sam_optax.flax.nnx_value_and_grad_fn`` with the
+  model split as ``(LoRAParam, everything else)``, split before the clean pass so that both passes
+  draw the same dropout masks.
 * Functional-SAM (Singh, Mobahi, Agarwala, Dauphin, ICML 2025, arXiv 2502.02407):
-  ``optax.chain(sam_optax.functional_sam(rho), optax.adamw(...))``, which needs the model and the loss apart:
-  ``sam_optax.Objective(apply_fn, loss_fn, batch)`` with ``apply_fn(lora_params, batch) -> logits`` and
-  ``loss_fn(logits, batch) -> (B,)`` per-sequence losses; the clean logits are passed as ``model_outputs=``
-  so that no extra forward is spent.
+  ``optax.chain(sam_optax.functional_sam(rho), optax.adamw(...))``, which needs the model and the
+  loss apart: ``sam_optax.Objective(apply_fn, loss_fn, batch)`` with
+  ``apply_fn(lora_params, batch) -> logits`` and ``loss_fn(logits, batch) -> (B,)`` per-sequence
+  losses; the clean logits go in the objective as ``clean_outputs=`` so that no extra forward is
+  spent.
 
-The corpus is the running interpreter's own standard library, read as bytes from ``os.path.dirname(os.__file__)``:
-pretraining on ``email/*.py``, fine-tuning on ``json/*.py`` (sorted file lists; every fifth 1 KiB block of the
-fine-tuning text is held out). The figures therefore depend on the Python version (its stdlib sources). The
-table reports held-out bits per byte (the mean next-byte cross-entropy in bits over the held-out blocks;
-8 is a uniform guess), mean ± std over the fine-tuning seeds; the pretrained base is shared by all seeds.
+The corpus is the running interpreter's own standard library, read as bytes from
+``os.path.dirname(os.__file__)``: pretraining on ``email/*.py``, fine-tuning on ``json/*.py``
+(sorted file lists; every fifth 1 KiB block of the fine-tuning text is held out). The figures
+therefore depend on the Python version (its stdlib sources). The table reports held-out bits per
+byte (the mean next-byte cross-entropy in bits over the held-out blocks; 8 is a uniform guess),
+mean ± std over the fine-tuning seeds; the pretrained base is shared by all seeds.
 
-  python examples/lora_sam.py            # the full comparison (3 seeds, a few minutes on 2 CPU cores)
-  python examples/lora_sam.py --quick    # a tiny model, a few steps, 1 seed (seconds)
+  python examples/lora_sam.py          # the full comparison (3 seeds, a few minutes on 2 CPU cores)
+  python examples/lora_sam.py --quick  # a tiny model, a few steps, 1 seed (seconds)
 """
 
 from __future__ import annotations
@@ -43,12 +48,13 @@ import optax
 from flax import nnx
 
 import sam_optax
-from sam_optax import flax_training as ft
+from sam_optax import flax as ft
 
 PRETRAIN_PACKAGE = "email"
 FINETUNE_PACKAGE = "json"
 METHODS = ("adamw", "sam", "functional_sam")
-LABELS = {"base": "no fine-tuning", "adamw": "AdamW", "sam": "SAM", "functional_sam": "Functional-SAM"}
+LABELS = {"base": "no fine-tuning", "adamw": "AdamW", "sam": "SAM",
+          "functional_sam": "Functional-SAM"}
 LORA_TARGETS = ("query", "key", "value", "out", "up", "down")
 
 
@@ -72,10 +78,12 @@ class Config:
   block: int = 1024
 
 
-QUICK = Config(width=32, heads=2, layers=1, seq_len=32, batch=8, pretrain_steps=80, steps=25, seeds=1)
+QUICK = Config(width=32, heads=2, layers=1, seq_len=32, batch=8, pretrain_steps=80, steps=25,
+               seeds=1)
 
 
-# ------------------------------------------------------------------ data: the standard library's own source
+# ------------------------------------------------------------------ data: the standard library's
+# own source
 
 
 def stdlib_source(package: str) -> bytes:
@@ -102,7 +110,8 @@ def load_corpus(cfg: Config) -> Corpus:
   return Corpus(pre, np.concatenate(train), np.concatenate(held))
 
 
-def sample_batch(data: np.ndarray, cfg: Config, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+def sample_batch(data: np.ndarray, cfg: Config,
+                 rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
   """``batch`` random windows: inputs ``x[t]`` and next-byte targets ``y[t] = x[t + 1]``."""
   start = rng.integers(0, len(data) - cfg.seq_len - 1, size=cfg.batch)
   w = data[start[:, None] + np.arange(cfg.seq_len + 1)].astype(np.int32)
@@ -110,7 +119,8 @@ def sample_batch(data: np.ndarray, cfg: Config, rng: np.random.Generator) -> tup
 
 
 def eval_windows(data: np.ndarray, cfg: Config) -> tuple[np.ndarray, np.ndarray]:
-  """Non-overlapping windows covering ``data``: every byte but each window's first is predicted once."""
+  """Non-overlapping windows covering ``data``: every byte but each window's first is predicted
+  once."""
   n = len(data) // (cfg.seq_len + 1)
   w = data[:n * (cfg.seq_len + 1)].reshape(n, cfg.seq_len + 1).astype(np.int32)
   return w[:, :-1], w[:, 1:]
@@ -120,20 +130,24 @@ def eval_windows(data: np.ndarray, cfg: Config) -> tuple[np.ndarray, np.ndarray]
 
 
 class Block(nnx.Module):
-  """Pre-LayerNorm transformer block, causal self-attention and a GELU MLP, all with plain ``nnx.Linear``."""
+  """Pre-LayerNorm transformer block, causal self-attention and a GELU MLP, all with plain
+  ``nnx.Linear``."""
 
   def __init__(self, width: int, heads: int, dropout: float, *, rngs: nnx.Rngs):
     self.heads = heads
     self.ln1, self.ln2 = nnx.LayerNorm(width, rngs=rngs), nnx.LayerNorm(width, rngs=rngs)
-    self.query, self.key, self.value, self.out = (nnx.Linear(width, width, rngs=rngs) for _ in range(4))
-    self.up, self.down = nnx.Linear(width, 4 * width, rngs=rngs), nnx.Linear(4 * width, width, rngs=rngs)
+    self.query, self.key, self.value, self.out = (nnx.Linear(width, width,
+                                                             rngs=rngs) for _ in range(4))
+    self.up, self.down = nnx.Linear(width, 4 * width, rngs=rngs), nnx.Linear(4 * width, width,
+                                                                             rngs=rngs)
     self.drop = nnx.Dropout(dropout, rngs=rngs)
 
   def __call__(self, x: jax.Array) -> jax.Array:
     b, t, d = x.shape
     h = self.ln1(x)
     split = lambda z: z.reshape(b, t, self.heads, d // self.heads)
-    att = jax.nn.dot_product_attention(split(self.query(h)), split(self.key(h)), split(self.value(h)),
+    att = jax.nn.dot_product_attention(split(self.query(h)), split(self.key(h)),
+                                       split(self.value(h)),
                                        is_causal=True)
     x = x + self.drop(self.out(att.reshape(b, t, d)))
     return x + self.drop(self.down(nnx.gelu(self.up(self.ln2(x)))))
@@ -145,7 +159,8 @@ class ByteLM(nnx.Module):
   def __init__(self, cfg: Config, *, rngs: nnx.Rngs):
     self.embed = nnx.Embed(256, cfg.width, rngs=rngs)
     self.pos = nnx.Param(0.02 * jax.random.normal(rngs.params(), (cfg.seq_len, cfg.width)))
-    self.blocks = nnx.List([Block(cfg.width, cfg.heads, cfg.dropout, rngs=rngs) for _ in range(cfg.layers)])
+    self.blocks = nnx.List([Block(cfg.width, cfg.heads, cfg.dropout,
+                                  rngs=rngs) for _ in range(cfg.layers)])
     self.ln_f = nnx.LayerNorm(cfg.width, rngs=rngs)
     self.head = nnx.Linear(cfg.width, 256, rngs=rngs)
 
@@ -159,14 +174,16 @@ class ByteLM(nnx.Module):
 def add_lora(model: ByteLM, rank: int, seed: int) -> ByteLM:
   """Wraps each block's linear layers in ``nnx.LoRA(..., base_module=...)``, in place.
 
-  ``nnx.LoRA`` computes ``base(x) + x @ A @ B`` with ``A`` He-uniform and ``B`` zero, so the wrapped model
+  ``nnx.LoRA`` computes ``base(x) + x @ A @ B`` with ``A`` He-uniform and ``B`` zero, so the wrapped
+  model
   starts as the pretrained one; ``A`` and ``B`` are ``nnx.LoRAParam``.
   """
   rngs = nnx.Rngs(params=seed)
   for block in model.blocks:
     for name in LORA_TARGETS:
       base = getattr(block, name)
-      setattr(block, name, nnx.LoRA(base.in_features, rank, base.out_features, base_module=base, rngs=rngs))
+      setattr(block, name,
+              nnx.LoRA(base.in_features, rank, base.out_features, base_module=base, rngs=rngs))
   return model
 
 
@@ -205,7 +222,8 @@ def adamw_step(model, optimizer, x, y):
 
 @nnx.jit
 def sam_step(model, optimizer, x, y):
-  # Split (adapters, everything else) BEFORE the clean pass: `rest` holds the frozen base weights and the
+  # Split (adapters, everything else) BEFORE the clean pass: `rest` holds the frozen base weights
+  # and the
   # dropout RNG counters, so the perturbed pass replays the clean pass's dropout masks.
   graphdef, _, rest = nnx.split(model, nnx.LoRAParam, ...)
   value_and_grad_fn = ft.nnx_value_and_grad_fn(graphdef, rest, loss_fn, x, y)
@@ -217,17 +235,21 @@ def sam_step(model, optimizer, x, y):
 @nnx.jit
 def functional_sam_step(model, optimizer, x, y):
   graphdef, _, rest = nnx.split(model, nnx.LoRAParam, ...)
-  rest = jax.tree.map(lambda a: a, rest)   # a snapshot taken before the clean pass advances the RNG counters
+  rest = jax.tree.map(lambda a: a,
+                      rest)   # a snapshot taken before the clean pass advances the RNG counters
 
-  def apply_fn(adapters, batch):          # adapters -> logits, the frozen base and dropout state closed over
+  def apply_fn(adapters,
+               batch):          # adapters -> logits, the frozen base and dropout state closed over
     return nnx.merge(graphdef, adapters, rest, copy=True)(batch[0])
 
   def sequence_losses(logits, batch):     # (B,) per-sequence mean next-byte losses
     return token_losses(logits, batch[1]).mean(axis=-1)
 
-  objective = sam_optax.Objective(apply_fn, sequence_losses, (x, y))
-  (loss, logits), grads = nnx.value_and_grad(loss_and_logits, argnums=ADAPTERS, has_aux=True)(model, x, y)
-  optimizer.update(model, grads, objective=objective, value=loss, model_outputs=jax.lax.stop_gradient(logits))
+  (loss, logits), grads = nnx.value_and_grad(loss_and_logits, argnums=ADAPTERS,
+                                             has_aux=True)(model, x, y)
+  objective = sam_optax.Objective(apply_fn, sequence_losses, (x, y),
+                                  clean_outputs=jax.lax.stop_gradient(logits))
+  optimizer.update(model, grads, objective=objective, value=loss)
   return loss
 
 
@@ -243,7 +265,8 @@ def bits_per_byte(model: ByteLM, windows: tuple[np.ndarray, np.ndarray], chunk: 
   """Mean next-byte cross-entropy over the windows, in bits; dropout off."""
   model.eval()
   x, y = windows
-  total = sum(float(summed_loss(model, x[i:i + chunk], y[i:i + chunk])) for i in range(0, len(x), chunk))
+  total = sum(float(summed_loss(model, x[i:i + chunk], y[i:i + chunk]))
+              for i in range(0, len(x), chunk))
   model.train()
   return total / y.size / math.log(2)
 
@@ -265,7 +288,8 @@ def make_tx(method: str, cfg: Config) -> optax.GradientTransformation:
 
 def pretrain(cfg: Config, corpus: Corpus, seed: int = 0, log=print) -> ByteLM:
   model = ByteLM(cfg, rngs=nnx.Rngs(params=seed, dropout=seed + 1))
-  schedule = optax.warmup_cosine_decay_schedule(0.0, cfg.pretrain_lr, max(cfg.pretrain_steps // 20, 1),
+  schedule = optax.warmup_cosine_decay_schedule(0.0, cfg.pretrain_lr,
+                                                max(cfg.pretrain_steps // 20, 1),
                                                 cfg.pretrain_steps)
   optimizer = nnx.Optimizer(model, optax.adamw(schedule, weight_decay=0.1), wrt=nnx.Param)
   rng = np.random.default_rng(seed)
@@ -276,18 +300,22 @@ def pretrain(cfg: Config, corpus: Corpus, seed: int = 0, log=print) -> ByteLM:
   return model
 
 
-def finetune(model: ByteLM, tx: optax.GradientTransformation, method: str, cfg: Config, corpus: Corpus,
+def finetune(model: ByteLM, tx: optax.GradientTransformation, method: str, cfg: Config,
+             corpus: Corpus,
              seed: int) -> list[float]:
-  """Trains the model's LoRAParam leaves only, in place; returns the clean training losses (nats)."""
+  """Trains the model's LoRAParam leaves only, in place; returns the clean training losses
+  (nats)."""
   optimizer = nnx.Optimizer(model, tx, wrt=nnx.LoRAParam)
   step_fn, rng = STEPS[method], np.random.default_rng(1000 + seed)
-  return [float(step_fn(model, optimizer, *sample_batch(corpus.train, cfg, rng))) for _ in range(cfg.steps)]
+  return [float(step_fn(model, optimizer,
+                        *sample_batch(corpus.train, cfg, rng))) for _ in range(cfg.steps)]
 
 
 def run(cfg: Config, log=print) -> dict:
   """Pretrains once, then fine-tunes a fresh LoRA copy of the base per method and seed.
 
-  Returns ``{"base": pretrained model, "bpb": {method: [bits per byte per seed]}, "runs": [{"method", "seed",
+  Returns ``{"base": pretrained model, "bpb": {method: [bits per byte per seed]}, "runs":
+  [{"method", "seed",
   "model", "bpb", "losses", "seconds"}], "heldout_bytes"}``; ``"base"`` under ``"bpb"`` is the
   pretrained model's held-out figure (no fine-tuning).
   """
@@ -298,8 +326,10 @@ def run(cfg: Config, log=print) -> dict:
   base = pretrain(cfg, corpus, log=log)
   heldout = eval_windows(corpus.heldout, cfg)
   base_bpb = bits_per_byte(base, heldout)
-  log(f"  pretrained in {time.perf_counter() - t0:.1f}s; held-out {FINETUNE_PACKAGE} bits/byte {base_bpb:.3f}")
-  out = {"base": base, "bpb": {"base": [base_bpb]}, "runs": [], "heldout_bytes": int(heldout[1].size)}
+  log(f"  pretrained in {time.perf_counter() - t0:.1f}s; held-out {FINETUNE_PACKAGE} bits/byte "
+      f"{base_bpb:.3f}")
+  out = {"base": base, "bpb": {"base": [base_bpb]}, "runs": [],
+         "heldout_bytes": int(heldout[1].size)}
   for method in METHODS:
     tx = make_tx(method, cfg)
     out["bpb"][method] = []
@@ -311,27 +341,31 @@ def run(cfg: Config, log=print) -> dict:
       seconds = time.perf_counter() - t0
       bpb = bits_per_byte(model, heldout)
       out["bpb"][method].append(bpb)
-      out["runs"].append({"method": method, "seed": seed, "model": model, "bpb": bpb, "losses": losses,
-                          "seconds": seconds})
-      log(f"  {LABELS[method]:15s} seed {seed}  train loss {losses[-1] / math.log(2):.3f}  held-out "
-          f"{bpb:.4f} bits/byte  ({seconds:.1f}s)")
+      out["runs"].append({"method": method, "seed": seed, "model": model, "bpb": bpb,
+                          "losses": losses, "seconds": seconds})
+      log(f"  {LABELS[method]:15s} seed {seed}  train loss {losses[-1] / math.log(2):.3f}  "
+          f"held-out {bpb:.4f} bits/byte  ({seconds:.1f}s)")
   return out
 
 
 def table(results: dict) -> str:
-  """Mean ± std over seeds, and the difference to AdamW paired by seed (same LoRA init, batches, dropout)."""
+  """Mean ± std over seeds, and the difference to AdamW paired by seed (same LoRA init, batches,
+  dropout)."""
   fmt = lambda v: f"{v.mean():+.4f} ± {v.std(ddof=1):.4f}" if len(v) > 1 else f"{v.mean():+.4f}"
-  rows = ["| fine-tuning (adapters only) | held-out bits/byte | minus AdamW, paired | seeds |", "|---|---|---|---|"]
+  rows = ["| fine-tuning (adapters only) | held-out bits/byte | minus AdamW, paired | seeds |",
+          "|---|---|---|---|"]
   adamw = np.asarray(results["bpb"].get("adamw", []))
   for key, values in results["bpb"].items():
     v = np.asarray(values)
     paired = fmt(v - adamw) if key not in ("base", "adamw") and len(v) == len(adamw) else "-"
-    rows.append(f"| {LABELS[key]} | {fmt(v).lstrip('+')} | {paired} | {len(v) if key != 'base' else '-'} |")
+    rows.append(f"| {LABELS[key]} | {fmt(v).lstrip('+')} | {paired} | "
+                f"{len(v) if key != 'base' else '-'} |")
   return "\n".join(rows)
 
 
 def parse(argv=None) -> Config:
-  p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+  p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                              formatter_class=argparse.RawTextHelpFormatter)
   p.add_argument("--quick", action="store_true", help="a tiny model, a few steps, 1 seed (seconds)")
   p.add_argument("--seeds", type=int, help="fine-tuning seeds per method")
   p.add_argument("--steps", type=int, help="fine-tuning steps per run")
@@ -349,8 +383,8 @@ def main(argv=None) -> dict:
   cfg = parse(argv)
   t0 = time.perf_counter()
   results = run(cfg)
-  print(f"\nheld-out {FINETUNE_PACKAGE} bits per byte ({results['heldout_bytes']} bytes; LoRA rank {cfg.rank}, "
-        f"{cfg.steps} steps, rho {cfg.rho}; mean ± std over seeds):")
+  print(f"\nheld-out {FINETUNE_PACKAGE} bits per byte ({results['heldout_bytes']} bytes; LoRA rank "
+        f"{cfg.rank}, {cfg.steps} steps, rho {cfg.rho}; mean ± std over seeds):")
   print(table(results))
   print(f"total {time.perf_counter() - t0:.0f}s")
   return results

@@ -6,5 +6,6 @@ verdict rule, data, models and training loops they share. Run them all with
 with ``python -m benchmarks.claims.<name> [--quick]``. See ``benchmarks/CLAIMS.md``.
 """
 
-CLAIMS = ("ood", "gradual_domain_adaptation", "repeated_exposure", "one_pass_lm", "one_step_degrades",
+CLAIMS = ("ood", "gradual_domain_adaptation", "repeated_exposure", "one_pass_lm",
+          "one_step_degrades",
           "flat_minima_not_always_better", "implicit_bias", "rho_sensitivity")

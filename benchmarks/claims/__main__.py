@@ -25,11 +25,13 @@ from benchmarks.claims import common as C
 def main(argv: list[str] | None = None) -> int:
   ap = argparse.ArgumentParser(prog="python -m benchmarks.claims", description=__doc__,
                                formatter_class=argparse.RawDescriptionHelpFormatter)
-  ap.add_argument("--quick", action="store_true", help="tiny settings: a smoke test of every script")
+  ap.add_argument("--quick", action="store_true",
+                  help="tiny settings: a smoke test of every script")
   ap.add_argument("--only", default="", help=f"comma-separated subset of: {', '.join(CLAIMS)}")
   ap.add_argument("--out", default=None,
-                  help="output folder (default: benchmarks/claims, where the committed full run lives; "
-                       "benchmarks/claims/quick with --quick, so a smoke test never overwrites it)")
+                  help="output folder (default: benchmarks/claims, where the committed full run "
+                       "lives; benchmarks/claims/quick with --quick, so a smoke test never "
+                       "overwrites it)")
   args = ap.parse_args(argv)
   args.out = C.out_dir(args.out, args.quick)
   names = [n.strip() for n in args.only.split(",") if n.strip()] or list(CLAIMS)
@@ -48,10 +50,13 @@ def main(argv: list[str] | None = None) -> int:
     records[name] = C.run_claim(name, module.run, args.quick, args.out)
   ordered = [records[n] for n in CLAIMS if n in records]
   command = " ".join(["python -m benchmarks.claims", *(argv if argv is not None else sys.argv[1:])])
-  C.write_json(path, {"environment": C.environment(), "command": command, "rule": C.RULE, "claims": ordered})
+  C.write_json(path,
+               {"environment": C.environment(), "command": command, "rule": C.RULE,
+                "claims": ordered})
   print(f"\n{len(names)} claim(s) in {time.time() - t0:.0f} s; {path}")
   for rec in ordered:
-    print(f"  {rec['name']:<31} {rec['verdict']:<14} ({rec['seconds']:.0f} s{', quick' if rec['quick'] else ''})")
+    print(f"  {rec['name']:<31} {rec['verdict']:<14} ({rec['seconds']:.0f} "
+          f"s{', quick' if rec['quick'] else ''})")
   return 0
 
 

@@ -46,12 +46,12 @@ PyTree = Any
 # ------------------------------------------------------------------ verdict rule
 
 SUPPORTED, NOT_SUPPORTED, INCONCLUSIVE = "supported", "not supported", "inconclusive"
-RULE = ("Each test is one statistic measured per seed (mostly a paired difference), with the sign the claim "
-        "predicts. supported: the 95% Student-t interval of its mean over >= 3 seeds excludes 0 on the "
-        "predicted side and the mean reaches the effect size the claim names (if any); not supported: the "
-        "whole interval falls short of that size (without one: lies on the opposite side of 0); "
-        "inconclusive: otherwise. A claim is supported when all its primary tests are, not supported when "
-        "any primary test is not, inconclusive otherwise.")
+RULE = ("Each test is one statistic measured per seed (mostly a paired difference), with the sign "
+        "the claim predicts. supported: the 95% Student-t interval of its mean over >= 3 seeds "
+        "excludes 0 on the predicted side and the mean reaches the effect size the claim names (if "
+        "any); not supported: the whole interval falls short of that size (without one: lies on "
+        "the opposite side of 0); inconclusive: otherwise. A claim is supported when all its "
+        "primary tests are, not supported when any primary test is not, inconclusive otherwise.")
 
 
 def ci95(values: Sequence[float]) -> tuple[float, float, float, float]:
@@ -97,7 +97,8 @@ def sign_test(name: str, values: Sequence[float], *, predicted: str = "+", min_e
     verdict = NOT_SUPPORTED
   else:
     verdict = INCONCLUSIVE
-  return {"name": name, "what": what, "predicted": predicted, "min_effect": min_effect, "unit": unit,
+  return {"name": name, "what": what, "predicted": predicted, "min_effect": min_effect,
+          "unit": unit,
           "primary": primary, "values": vals, "n": len(vals), "mean": mean, "std": std,
           "ci95": [lo, hi], "verdict": verdict}
 
@@ -377,7 +378,8 @@ def train_scan(loss_fn: Callable, make_opt: Callable, params: PyTree, hp: dict, 
   the optimizer gets ``grad_fn`` (the same batch's gradient closure), which the
   plain base optimizers ignore, and with ``objective_of(batch) -> sam_optax.Objective``
   (the model and its per-example loss, whose mean must be ``loss_fn``) also
-  ``objective=``, which Functional-SAM needs and the others ignore. With ``measure(params, data) -> pytree`` and
+  ``objective=``, which Functional-SAM needs and the others ignore. With ``measure(params, data) ->
+  pytree`` and
   ``measure_every = k``, the scan is nested (an outer scan over blocks of k
   steps), so the measurement runs at the start and after every block without a
   ``cond`` (which ``vmap`` would turn into running both branches).
@@ -602,13 +604,14 @@ def write_json(path: str, obj) -> None:
 
 
 def print_record(rec: dict) -> None:
-  print(f"\n== {rec['name']}: {rec['verdict']}  ({rec['seconds']:.0f} s{', quick' if rec['quick'] else ''})")
+  print(f"\n== {rec['name']}: {rec['verdict']}  ({rec['seconds']:.0f} "
+        f"s{', quick' if rec['quick'] else ''})")
   for t in rec["tests"]:
     lo, hi = t["ci95"]
     threshold = f", min {t['min_effect']:g}" if t["min_effect"] else ""
-    print(f"  {'*' if t['primary'] else ' '} {t['name']}: {t['mean']:+.3f} ± {t['std']:.3f} {t['unit']} "
-          f"(95% CI [{lo:+.3f}, {hi:+.3f}], n={t['n']}, predicted {t['predicted']}{threshold}) "
-          f"-> {t['verdict']}")
+    print(f"  {'*' if t['primary'] else ' '} {t['name']}: {t['mean']:+.3f} ± {t['std']:.3f} "
+          f"{t['unit']} (95% CI [{lo:+.3f}, {hi:+.3f}], n={t['n']}, predicted "
+          f"{t['predicted']}{threshold}) -> {t['verdict']}")
   sys.stdout.flush()
 
 
@@ -619,7 +622,8 @@ def script_main(name: str, run: Callable[[bool, str], dict], argv=None) -> dict:
   ap = argparse.ArgumentParser(prog=f"python -m benchmarks.claims.{name}")
   ap.add_argument("--quick", action="store_true", help="tiny settings (a smoke test, seconds)")
   ap.add_argument("--out", default=None,
-                  help="output folder (default: benchmarks/claims, or benchmarks/claims/quick with --quick)")
+                  help="output folder (default: benchmarks/claims, or benchmarks/claims/quick "
+                       "with --quick)")
   args = ap.parse_args(argv)
   rec = run_claim(name, run, args.quick, out_dir(args.out, args.quick))
   return rec

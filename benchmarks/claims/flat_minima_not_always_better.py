@@ -40,13 +40,13 @@ from benchmarks.claims import common as C
 from sam_optax import sharpness
 
 NAME = "flat_minima_not_always_better"
-CLAIM = ("Furthermore, while SAM seeks flat minima, some research suggests that not all flat minima "
-         "necessarily lead to good generalization.")
-PUBLISHED = ("Dinh et al., ICML 2017 (arXiv 1703.04933): function-preserving rescalings of ReLU nets "
-             "make Hessian-based sharpness arbitrarily large or small; Andriushchenko et al., ICML 2023 "
-             "(arXiv 2302.07011): over many trained models, sharpness (standard or adaptive, "
-             "worst- or average-case) 'does not correlate well' with generalization and tracks the "
-             "learning rate instead.")
+CLAIM = ("Furthermore, while SAM seeks flat minima, some research suggests that not all flat "
+         "minima necessarily lead to good generalization.")
+PUBLISHED = ("Dinh et al., ICML 2017 (arXiv 1703.04933): function-preserving rescalings of ReLU "
+             "nets make Hessian-based sharpness arbitrarily large or small; Andriushchenko et al., "
+             "ICML 2023 (arXiv 2302.07011): over many trained models, sharpness (standard or "
+             "adaptive, worst- or average-case) 'does not correlate well' with generalization and "
+             "tracks the learning rate instead.")
 
 ALPHAS = (0.1, 0.3, 1.0, 3.0, 10.0)
 RHO_L2, RHO_ADAPTIVE = 0.05, 0.5
@@ -68,8 +68,8 @@ def adaptive_sharpness(loss_fn, params, rho, steps):
   random point) are drawn in u and every ingredient is invariant to rescaling w."""
   scale = jax.tree.map(jnp.abs, params)
   zero = jax.tree.map(jnp.zeros_like, params)
-  return sharpness.max_sharpness(lambda u: loss_fn(jax.tree.map(lambda w, s, v: w + s * v, params, scale, u)),
-                                 zero, rho, steps=steps)
+  loss_u = lambda u: loss_fn(jax.tree.map(lambda w, s, v: w + s * v, params, scale, u))
+  return sharpness.max_sharpness(loss_u, zero, rho, steps=steps)
 
 
 def sharpness_measures(params, x, y, power_iters, ascent_steps):
@@ -100,8 +100,10 @@ def rescale(params, alpha):
 
 def rescaling_test(cfg, seeds, x_tr, y_tr, x_te, y_te):
   data = (jnp.asarray(C.flat(x_tr)), jnp.asarray(y_tr))
-  idx = np.stack([C.batch_indices(np.random.default_rng(s), len(y_tr), cfg["steps"], 64) for s in seeds])
-  params, _ = C.fit(C.ce_loss, "sgd", C.init_many(seeds, [64, 128, 128, 10]), {"lr": 0.05}, data, idx)
+  idx = np.stack([C.batch_indices(np.random.default_rng(s), len(y_tr), cfg["steps"], 64)
+                  for s in seeds])
+  params, _ = C.fit(C.ce_loss, "sgd", C.init_many(seeds, [64, 128, 128, 10]), {"lr": 0.05}, data,
+                    idx)
   res, logit_change = {}, []
   x_te_j = jnp.asarray(C.flat(x_te))
   base_logits = jax.vmap(lambda p: C.mlp_apply(p, x_te_j))(params)
@@ -121,7 +123,8 @@ def grid_test(cfg, seeds, x_tr, y_tr, x_te, y_te):
   for width, batch in itertools.product(cfg["widths"], cfg["batches"]):
     combos = list(itertools.product(cfg["lrs"], cfg["rhos"], seeds))
     params0 = C.init_many([1000 * width + s for (_, _, s) in combos], [64, width, width, 10])
-    idx = np.stack([C.batch_indices(np.random.default_rng([s, width, batch]), len(y_tr), cfg["steps"], batch)
+    idx = np.stack([C.batch_indices(np.random.default_rng([s, width, batch]), len(y_tr),
+                                    cfg["steps"], batch)
                     for (_, _, s) in combos])
     hp = {"lr": [c[0] for c in combos], "rho": [c[1] for c in combos]}
     params, _ = C.fit(C.ce_loss, "sam_sgd", params0, hp, data, idx)
@@ -130,9 +133,10 @@ def grid_test(cfg, seeds, x_tr, y_tr, x_te, y_te):
     corr = 100 - np.mean([C.accuracy(params, v, y_te) for v in shifted.values()], axis=0)
     train_acc = C.accuracy(params, x_tr, y_tr)
     for i, (lr, rho, s) in enumerate(combos):
-      rows.append({"width": width, "batch": batch, "lr": lr, "rho": rho, "seed": s, "test_error": err[i],
-                   "corrupted_error": corr[i], "train_accuracy": train_acc[i],
-                   "fits": bool(train_acc[i] >= cfg["fit"]), **{k: float(m[k][i]) for k in MEASURES}})
+      rows.append({"width": width, "batch": batch, "lr": lr, "rho": rho, "seed": s,
+                   "test_error": err[i], "corrupted_error": corr[i], "train_accuracy": train_acc[i],
+                   "fits": bool(train_acc[i] >= cfg["fit"]),
+                   **{k: float(m[k][i]) for k in MEASURES}})
   return rows
 
 
@@ -141,7 +145,8 @@ def run(quick: bool, out: str) -> dict:
   seeds = list(range(cfg["seeds"]))
   x_tr, y_tr, x_te, y_te = C.digits_images()
   resc, logit_change, acc = rescaling_test(cfg, seeds, x_tr, y_tr, x_te, y_te)
-  lg = {k: {a: np.log10(np.maximum(resc[a][k], 1e-12) / np.maximum(resc[1.0][k], 1e-12)) for a in ALPHAS}
+  lg = {k: {a: np.log10(np.maximum(resc[a][k], 1e-12) / np.maximum(resc[1.0][k], 1e-12))
+            for a in ALPHAS}
         for k in MEASURES}
   widest = lambda k: np.max(np.abs(np.stack([lg[k][a] for a in ALPHAS])), axis=0)
   tests = [
@@ -158,27 +163,32 @@ def run(quick: bool, out: str) -> dict:
   for k in MEASURES:
     for target in ("test_error", "corrupted_error", "lr"):
       taus[(k, target)] = np.array([C.kendall_tau([r[k] for r in rows if r["seed"] == s],
-                                                  [r[target] for r in rows if r["seed"] == s]) for s in seeds])
+                                                  [r[target] for r in rows if r["seed"] == s])
+                                    for s in seeds])
   for k in MEASURES:
     tests.append(C.sign_test(f"grid: |tau({k}, lr)| - |tau({k}, test error)|",
                              np.abs(taus[(k, "lr")]) - np.abs(taus[(k, "test_error")]),
                              primary=k == "lambda_max",
-                             what="> 0: sharpness ranks models by learning rate more than by test error"))
+                             what="> 0: sharpness ranks models by learning rate more than by "
+                                  "test error"))
   for k in MEASURES:
     for target in ("test_error", "corrupted_error"):
       tests.append(C.sign_test(f"grid: tau({k}, {target.replace('_', ' ')})", taus[(k, target)],
                                primary=False, what="> 0 would mean flatter is better"))
-  figures = {"settings": cfg, "rescaling": {"test_accuracy": C.mean_std(acc), "max_logit_change": logit_change,
-                                            "values": {k: {a: C.mean_std(resc[a][k]) for a in ALPHAS}
-                                                       for k in MEASURES}},
+  figures = {"settings": cfg,
+             "rescaling": {"test_accuracy": C.mean_std(acc), "max_logit_change": logit_change,
+                           "values": {k: {a: C.mean_std(resc[a][k]) for a in ALPHAS}
+                                      for k in MEASURES}},
              "kendall_tau": {f"{k} vs {t}": C.mean_std(v) for (k, t), v in taus.items()},
              "grid_models": len(all_rows), "grid_models_fitting": len(rows), "grid": all_rows}
   plots = [plot_rescaling(resc, out), plot_grid(rows, taus, out)]
-  return C.record(NAME, claim=CLAIM, published=PUBLISHED, protocol=C.protocol_of(__doc__), tests=tests,
+  return C.record(NAME, claim=CLAIM, published=PUBLISHED, protocol=C.protocol_of(__doc__),
+                  tests=tests,
                   figures=figures, plots=plots, quick=quick, seconds=0)
 
 
-LABELS = {"lambda_max": "top Hessian eigenvalue", "l2_sharpness": "worst-case L2 sharpness (rho 0.05)",
+LABELS = {"lambda_max": "top Hessian eigenvalue",
+          "l2_sharpness": "worst-case L2 sharpness (rho 0.05)",
           "adaptive_sharpness": "adaptive worst-case sharpness (rho 0.5)"}
 
 
@@ -205,7 +215,8 @@ def plot_grid(rows, taus, out):  # rows: the models that fit the training set
   for ax, k in zip(axes, MEASURES):
     for j, lr in enumerate(lrs):
       sel = [r for r in rows if r["lr"] == lr]
-      ax.scatter([r[k] for r in sel], [r["test_error"] for r in sel], s=14, color=f"C{j}", label=f"lr {lr}")
+      ax.scatter([r[k] for r in sel], [r["test_error"] for r in sel], s=14, color=f"C{j}",
+                 label=f"lr {lr}")
     ax.set_xscale("log")
     ax.set_xlabel(LABELS[k])
     ax.set_ylabel("test error (%)")

@@ -30,10 +30,11 @@ from benchmarks.claims import common as C
 
 NAME = "gradual_domain_adaptation"
 CLAIM = ("Other areas where it has been applied include gradual domain adaptation [...]")
-PUBLISHED = ("Kumar et al., ICML 2020 (rotating MNIST, target 55-60 degrees): source-only about 32%, "
-             "direct self-training about 33-38%, gradual self-training about 88% (unconfirmed). "
-             "Schapiro & Zhao 2024: in gradual domain adaptation SAM beats Adam by +0.82 points on "
-             "average; their development logs: T=10 60.4 -> 75.3, T=20 72.3 -> 93.7 (Adam -> SAM).")
+PUBLISHED = ("Kumar et al., ICML 2020 (rotating MNIST, target 55-60 degrees): source-only about "
+             "32%, direct self-training about 33-38%, gradual self-training about 88% "
+             "(unconfirmed). Schapiro & Zhao 2024: in gradual domain adaptation SAM beats Adam by "
+             "+0.82 points on average; their development logs: T=10 60.4 -> 75.3, T=20 72.3 -> "
+             "93.7 (Adam -> SAM).")
 
 BATCH, KEEP = 128, 0.9
 OPTS = {"adam": ("adamw", {"lr": 1e-3, "wd": 1e-4}),
@@ -120,7 +121,8 @@ def run(quick: bool, out: str) -> dict:
                            what="Kumar et al.'s premise: gradual beats direct"))
   figures = {"settings": cfg, "target_accuracy": {n: {k: C.mean_std(v) for k, v in r.items()}
                                                   for n, r in res.items()}}
-  return C.record(NAME, claim=CLAIM, published=PUBLISHED, protocol=C.protocol_of(__doc__), tests=tests,
+  return C.record(NAME, claim=CLAIM, published=PUBLISHED, protocol=C.protocol_of(__doc__),
+                  tests=tests,
                   figures=figures, plots=[plot(res, cfg, out)], quick=quick, seconds=0)
 
 

@@ -38,14 +38,14 @@ from benchmarks.claims import common as C
 from sam_optax import sharpness
 
 NAME = "implicit_bias"
-CLAIM = ("Theoretical work continues to analyze the algorithm's behavior, including its implicit bias "
-         "towards flatter minima [...]")
-PUBLISHED = ("Cohen et al., ICLR 2021: GD's lambda_max settles at 2/eta (edge of stability); for USAM "
-             "the same argument gives (sqrt(1 + 8 rho/eta) - 1)/(2 rho) = 12.4 at eta 0.1, rho 0.05 "
-             "(vs 20 for GD); Agarwala & Dauphin, ICML 2023 (arXiv 2302.08692): SAM's edge of stability "
-             "depends on the gradient norm; Andriushchenko et al., NeurIPS 2023 (arXiv 2305.16292): "
-             "SAM reduces the feature rank; Bartlett, Long, Bousquet, JMLR 2023 (arXiv 2210.01513): "
-             "SAM's 2-cycle along the top eigenvector.")
+CLAIM = ("Theoretical work continues to analyze the algorithm's behavior, including its implicit "
+         "bias towards flatter minima [...]")
+PUBLISHED = ("Cohen et al., ICLR 2021: GD's lambda_max settles at 2/eta (edge of stability); for "
+             "USAM the same argument gives (sqrt(1 + 8 rho/eta) - 1)/(2 rho) = 12.4 at eta 0.1, "
+             "rho 0.05 (vs 20 for GD); Agarwala & Dauphin, ICML 2023 (arXiv 2302.08692): SAM's "
+             "edge of stability depends on the gradient norm; Andriushchenko et al., NeurIPS 2023 "
+             "(arXiv 2305.16292): SAM reduces the feature rank; Bartlett, Long, Bousquet, JMLR "
+             "2023 (arXiv 2210.01513): SAM's 2-cycle along the top eigenvector.")
 
 ETA, RHO_EOS, N_EOS = 0.1, 0.05, 512
 RHOS_RANK = (0.0, 0.05, 0.1, 0.2, 0.4, 0.8)
@@ -53,9 +53,11 @@ RHOS_RANK = (0.0, 0.05, 0.1, 0.2, 0.4, 0.8)
 
 def settings(quick: bool) -> dict:
   if quick:
-    return {"seeds": 3, "eos_steps": 300, "eos_every": 50, "rank_steps": 200, "rank_rhos": [0.0, 0.2, 0.8],
+    return {"seeds": 3, "eos_steps": 300, "eos_every": 50, "rank_steps": 200,
+            "rank_rhos": [0.0, 0.2, 0.8],
             "quad_steps": 500}
-  return {"seeds": 5, "eos_steps": 2500, "eos_every": 50, "rank_steps": 1500, "rank_rhos": list(RHOS_RANK),
+  return {"seeds": 5, "eos_steps": 2500, "eos_every": 50, "rank_steps": 1500,
+          "rank_rhos": list(RHOS_RANK),
           "quad_steps": 2000}
 
 
@@ -85,7 +87,8 @@ def edge_of_stability(cfg, seeds):
   idx = np.broadcast_to(np.arange(N_EOS, dtype=np.int32), (len(seeds), cfg["eos_steps"], N_EOS))
   res = {}
   for name, opt in (("gd", "gd"), ("usam", "usam_gd"), ("sam", "sam_gd")):
-    _, _, m = C.fit(mse_loss, opt, params0, {"lr": ETA, "rho": RHO_EOS}, data, idx, measure=eos_measure,
+    _, _, m = C.fit(mse_loss, opt, params0, {"lr": ETA, "rho": RHO_EOS}, data, idx,
+                    measure=eos_measure,
                     measure_every=cfg["eos_every"])
     res[name] = {k: np.asarray(v) for k, v in m.items()}
   g = res["sam"]["grad_norm"]
@@ -111,7 +114,8 @@ def feature_ranks(cfg, seeds):
   params0 = C.tile(C.init_many(seeds, [64, 256, 256, 10]), len(rhos))
   idx = np.stack([C.batch_indices(np.random.default_rng(s), len(y_tr), cfg["rank_steps"], 64)
                   for (_, s) in combos])
-  params, _ = C.fit(C.ce_loss, "sam_sgd", params0, {"lr": 0.05, "rho": [r for r, _ in combos]}, data, idx)
+  params, _ = C.fit(C.ce_loss, "sam_sgd", params0, {"lr": 0.05, "rho": [r for r, _ in combos]},
+                    data, idx)
   feats = np.asarray(jax.jit(jax.vmap(lambda p: C.mlp_features(p, data[0])))(params))
   ranks = np.array([feature_rank(f) for f in feats]).reshape(len(rhos), len(seeds)).T
   acc = C.accuracy(params, x_te, y_te).reshape(len(rhos), len(seeds)).T
@@ -131,7 +135,8 @@ def quadratic_cycle(cfg, seeds, eta=0.5, rho=0.1):
       if t >= cfg["quad_steps"] - 100:
         tail.append(x.copy())
     tail = np.array(tail)
-    out.append({"amplitude": float(np.abs(tail[:, 0]).mean()), "others": float(np.abs(tail[:, 1:]).max()),
+    out.append({"amplitude": float(np.abs(tail[:, 0]).mean()),
+                "others": float(np.abs(tail[:, 1:]).max()),
                 "predicted": eta * lam[0] * rho / (2 - eta * lam[0]),
                 "alternates": bool(np.all(np.sign(tail[1:, 0]) != np.sign(tail[:-1, 0])))})
   return out
@@ -155,25 +160,33 @@ def run(quick: bool, out: str) -> dict:
       C.sign_test("quadratic: |amplitude / (eta lambda rho / (2 - eta lambda)) - 1| - 0.01",
                   rel([q["amplitude"] for q in quad], [q["predicted"] for q in quad]) - 0.01,
                   predicted="-", what="< 0: within 1% of the closed form"),
-      C.sign_test("EoS: |GD plateau / (2/eta) - 1| - 0.1", rel(pl["gd"], 2 / ETA) - 0.1, predicted="-",
+      C.sign_test("EoS: |GD plateau / (2/eta) - 1| - 0.1", rel(pl["gd"], 2 / ETA) - 0.1,
+                  predicted="-",
                   primary=False, what="< 0: within 10% of 2/eta"),
-      C.sign_test("EoS: |USAM plateau / closed form - 1| - 0.1", rel(pl["usam"], usam_threshold(RHO_EOS)) - 0.1,
+      C.sign_test("EoS: |USAM plateau / closed form - 1| - 0.1",
+                  rel(pl["usam"], usam_threshold(RHO_EOS)) - 0.1,
                   predicted="-", primary=False),
-      C.sign_test("EoS: |SAM plateau / closed form at measured |g| - 1| - 0.1", rel(pl["sam"], sam_pred) - 0.1,
+      C.sign_test("EoS: |SAM plateau / closed form at measured |g| - 1| - 0.1",
+                  rel(pl["sam"], sam_pred) - 0.1,
                   predicted="-", primary=False),
       C.sign_test("EoS: USAM plateau - SAM plateau", pl["usam"] - pl["sam"], primary=False),
-      C.sign_test(f"feature rank: rho=0 minus rho={rhos[-2]}", ranks[:, 0] - ranks[:, -2], primary=False),
+      C.sign_test(f"feature rank: rho=0 minus rho={rhos[-2]}", ranks[:, 0] - ranks[:, -2],
+                  primary=False),
   ]
+  closed_form = {"gd": 2 / ETA, "usam": float(usam_threshold(RHO_EOS)),
+                 "sam_at_measured_grad_norm": C.mean_std(sam_pred)}
   figures = {"settings": cfg,
              "edge_of_stability": {"eta": ETA, "rho": RHO_EOS,
                                    "plateau": {k: C.mean_std(v) for k, v in pl.items()},
-                                   "closed_form": {"gd": 2 / ETA, "usam": float(usam_threshold(RHO_EOS)),
-                                                   "sam_at_measured_grad_norm": C.mean_std(sam_pred)},
-                                   "final_loss": {k: C.mean_std(v["loss"][:, -1]) for k, v in eos.items()}},
+                                   "closed_form": closed_form,
+                                   "final_loss": {k: C.mean_std(v["loss"][:, -1])
+                                                  for k, v in eos.items()}},
              "feature_rank": {str(r): C.mean_std(ranks[:, i]) for i, r in enumerate(rhos)},
-             "feature_rank_test_accuracy": {str(r): C.mean_std(acc[:, i]) for i, r in enumerate(rhos)},
+             "feature_rank_test_accuracy": {str(r): C.mean_std(acc[:, i])
+                                            for i, r in enumerate(rhos)},
              "quadratic_cycle": quad}
-  return C.record(NAME, claim=CLAIM, published=PUBLISHED, protocol=C.protocol_of(__doc__), tests=tests,
+  return C.record(NAME, claim=CLAIM, published=PUBLISHED, protocol=C.protocol_of(__doc__),
+                  tests=tests,
                   figures=figures, plots=[plot(eos, ranks, acc, cfg, out)], quick=quick, seconds=0)
 
 

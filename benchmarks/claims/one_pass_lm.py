@@ -43,16 +43,18 @@ from benchmarks.claims import common as C
 
 NAME = "one_pass_lm"
 CLAIM = ("The effectiveness of SAM can also be domain-dependent. While it has shown benefits for "
-         "computer vision tasks, its impact on other areas, such as GPT-style language models where "
-         "each training example is seen only once, has been reported as limited in some studies.")
-PUBLISHED = ("Singh, Mobahi, Agarwala, Dauphin, ICML 2025 (arXiv 2502.02407): decoder-only LMs on C4 "
-             "(24M-1.2B parameters), one pass: SAM 'performs the worst of the lot, even worse than "
-             "AdamW', at twice the cost.")
+         "computer vision tasks, its impact on other areas, such as GPT-style language models "
+         "where each training example is seen only once, has been reported as limited in some "
+         "studies.")
+PUBLISHED = ("Singh, Mobahi, Agarwala, Dauphin, ICML 2025 (arXiv 2502.02407): decoder-only LMs on "
+             "C4 (24M-1.2B parameters), one pass: SAM 'performs the worst of the lot, even worse "
+             "than AdamW', at twice the cost.")
 
 CTX, EMBED, HIDDEN, VAL_WINDOWS = 24, 16, 256, 20_000
 BASE = {"lr": 2e-3, "wd": 0.01}
 RHO = 0.05
-# the sharpness-aware runs (optimizer f"{key}_adamw" in common.OPTIMIZERS), each also at half the steps
+# the sharpness-aware runs (optimizer f"{key}_adamw" in common.OPTIMIZERS), each also at half the
+# steps
 METHODS = {"sam": "SAM", "fsam": "Functional-SAM", "psam": "preconditioned SAM",
            "fpsam": "Functional-SAM + preconditioning"}
 LN2 = float(np.log(2.0))
@@ -110,7 +112,8 @@ def run(quick: bool, out: str) -> dict:
   slots = len(train) // (CTX + 1)
   if slots < n_pool:
     raise RuntimeError(f"the stdlib text has {slots} windows, fewer than the {n_pool} needed")
-  pool = windows_of(train, np.random.default_rng(0).choice(slots, n_pool, replace=False) * (CTX + 1))
+  pool = windows_of(train,
+                    np.random.default_rng(0).choice(slots, n_pool, replace=False) * (CTX + 1))
   val_w = jnp.asarray(windows_of(val, np.random.default_rng(1).integers(0, len(val) - CTX - 1,
                                                                          VAL_WINDOWS)))
   params0 = jax.vmap(init)(jnp.stack([jax.random.key(s) for s in seeds]))
@@ -118,7 +121,8 @@ def run(quick: bool, out: str) -> dict:
   for name in METHODS:
     runs[name] = (f"{name}_adamw", {**BASE, "rho": RHO}, 1.0)
     runs[f"{name}_half"] = (f"{name}_adamw", {**BASE, "rho": RHO}, 0.5)
-  res = C.repetition_sweep(lm_loss, params0, jnp.asarray(pool), steps=cfg["steps"], batch=cfg["batch"],
+  res = C.repetition_sweep(lm_loss, params0, jnp.asarray(pool), steps=cfg["steps"],
+                           batch=cfg["batch"],
                            epochs=cfg["epochs"], seeds=seeds, runs=runs,
                            evaluate=lambda p: bits_per_byte(p, val_w), objective_of=lm_objective)
   es = cfg["epochs"]
@@ -129,10 +133,12 @@ def run(quick: bool, out: str) -> dict:
     for name in list(METHODS)[1:]:
       label = METHODS[name]
       fix_tests.append(C.sign_test(
-          f"one pass, {compute}: AdamW bpb - {label} bpb", res["adamw"][es[0]] - res[name + suffix][es[0]],
+          f"one pass, {compute}: AdamW bpb - "
+          f"{label} bpb", res["adamw"][es[0]] - res[name + suffix][es[0]],
           unit="bits/byte", primary=False,
           what=(f"> 0: {label} beats AdamW (Singh et al.'s prediction)" if not suffix else
-                f"> 0: {label} at half the steps beats AdamW (the paper makes no equal-compute claim)")))
+                f"> 0: {label} at half the steps beats AdamW (the paper makes no equal-compute "
+                f"claim)")))
   tests = [
       C.sign_test("one pass, equal compute: AdamW bpb - SAM bpb", gain_half[es[0]], predicted="-",
                   unit="bits/byte", what="< 0: SAM at half the steps is worse than AdamW"),
@@ -146,18 +152,21 @@ def run(quick: bool, out: str) -> dict:
                   unit="bits/byte", primary=False),
       *fix_tests,
   ]
-  figures = {"settings": cfg, "text": {**info, "train_bytes": int(len(train)), "val_bytes": int(len(val)),
+  figures = {"settings": cfg,
+             "text": {**info, "train_bytes": int(len(train)), "val_bytes": int(len(val)),
                                        "pool_windows": n_pool},
              "validation_bits_per_byte": {n: {e: C.mean_std(v) for e, v in r.items()}
                                           for n, r in res.items()}}
-  return C.record(NAME, claim=CLAIM, published=PUBLISHED, protocol=C.protocol_of(__doc__), tests=tests,
+  return C.record(NAME, claim=CLAIM, published=PUBLISHED, protocol=C.protocol_of(__doc__),
+                  tests=tests,
                   figures=figures, plots=[plot(res, cfg, out)], quick=quick, seconds=0)
 
 
 def plot(res: dict, cfg: dict, out: str) -> str:
   plt = C.plt()
   es = cfg["epochs"]
-  fig, (a1, a2, a3) = plt.subplots(1, 3, figsize=(16, 4.8), gridspec_kw={"width_ratios": [1, 1, 0.8]})
+  fig, (a1, a2, a3) = plt.subplots(1, 3, figsize=(16, 4.8),
+                                   gridspec_kw={"width_ratios": [1, 1, 0.8]})
   colors = {"adamw": "k", "sam": "C1", "fsam": "C0", "psam": "C2", "fpsam": "C3"}
   labels = {"adamw": "AdamW", **METHODS}
   for name, r in res.items():
@@ -182,12 +191,15 @@ def plot(res: dict, cfg: dict, out: str) -> str:
     mean, _, lo, hi = C.ci95(d)
     a3.plot(np.full(len(d), i) + np.linspace(-0.12, 0.12, len(d)), d, "o", color=colors[name],
             alpha=0.45, ms=4)
-    a3.errorbar([i], [mean], yerr=[[mean - lo], [hi - mean]], fmt="D", color=colors[name], capsize=5)
+    a3.errorbar([i], [mean], yerr=[[mean - lo], [hi - mean]], fmt="D", color=colors[name],
+                capsize=5)
     half = C.ci95(res["adamw"][es[0]] - res[name + "_half"][es[0]])[0]
     a3.annotate(f"half the steps:\n{half:+.3f}", (i, 0.02), xycoords=("data", "axes fraction"),
                 ha="center", va="bottom", fontsize=7, color=colors[name])
   a3.axhline(0, color="k", lw=0.8)
-  a3.set_xticks(range(len(METHODS)), [METHODS[n].replace(" + ", "\n+ ").replace("ed SAM", "ed\nSAM") for n in METHODS], fontsize=7)
+  a3.set_xticks(range(len(METHODS)),
+                [METHODS[n].replace(" + ", "\n+ ").replace("ed SAM",
+                                                           "ed\nSAM") for n in METHODS], fontsize=7)
   a3.set_ylabel("AdamW - method, E=1 (bits/byte; > 0: method better)")
   a3.set_xlim(-0.6, len(METHODS) - 0.4)
   a3.set_title("one pass, equal steps (mean, 95% CI, seeds)")

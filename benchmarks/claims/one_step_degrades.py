@@ -38,8 +38,8 @@ CLAIM = ("The accuracy of the single gradient step approximation for finding the
 PUBLISHED = ("No single source pinned down. Related: Eigen-SAM (Luo et al., NeurIPS 2024, "
              "arXiv 2501.12666): SAM's alignment with the top Hessian eigenvector is inadequate in "
              "practice; Kim et al. 2023 (arXiv 2302.10181): single- and multi-step ascent reach "
-             "different solutions. Second-order reasoning: s1/s* -> g^T H g / (|g|^2 lambda_max) < 1 "
-             "as |g| -> 0, so the gap should track kappa = |g| / (rho lambda_max).")
+             "different solutions. Second-order reasoning: s1/s* -> g^T H g / (|g|^2 lambda_max) < "
+             "1 as |g| -> 0, so the gap should track kappa = |g| / (rho lambda_max).")
 
 RHO, MEASURE_BATCH = 0.05, 512
 
@@ -97,7 +97,8 @@ def measure(params, data, *, ascent_steps, power_iters):
   rayleigh = sum(jnp.vdot(a, b) for a, b in zip(jax.tree.leaves(g_hat), jax.tree.leaves(hg)))
   rand = [jax.tree.map(lambda t, k=k: jax.random.normal(k, t.shape), params)
           for k in jax.random.split(jax.random.key(0), 2)]
-  rand = [jax.tree.map(lambda t, n=tree_norm(r): RHO * t / n, r) for r in rand]  # noqa: B008 (n binds per r)
+  rand = [jax.tree.map(lambda t, n=tree_norm(r): RHO * t / n, r)  # noqa: B008 (n binds per r)
+          for r in rand]
   starts = [e1, jax.tree.map(lambda t: RHO * t, v), jax.tree.map(lambda t: -RHO * t, v), *rand]
   stacked = jax.tree.map(lambda *ds: jnp.stack(ds), *starts)
   values, deltas = jax.vmap(lambda d: ascent(loss_fn, params, d, ascent_steps))(stacked)
@@ -116,9 +117,12 @@ def run(quick: bool, out: str) -> dict:
   x_tr, y_tr, _, _ = C.mnist_images()
   perm = np.random.default_rng(0).permutation(len(y_tr))  # the first 512 are the measured batch
   data = (jnp.asarray(C.flat(x_tr[perm])), jnp.asarray(y_tr[perm]))
-  idx = np.stack([C.batch_indices(np.random.default_rng(s), len(y_tr), cfg["steps"], 128) for s in seeds])
-  probe = functools.partial(measure, ascent_steps=cfg["ascent_steps"], power_iters=cfg["power_iters"])
-  _, _, m = C.fit(C.ce_loss, "sam_sgd", C.init_many(seeds, [784, 256, 256, 10]), {"lr": 0.05, "rho": RHO},
+  idx = np.stack([C.batch_indices(np.random.default_rng(s), len(y_tr), cfg["steps"], 128)
+                  for s in seeds])
+  probe = functools.partial(measure, ascent_steps=cfg["ascent_steps"],
+                            power_iters=cfg["power_iters"])
+  _, _, m = C.fit(C.ce_loss, "sam_sgd", C.init_many(seeds, [784, 256, 256, 10]),
+                  {"lr": 0.05, "rho": RHO},
                   data, idx, measure=probe, measure_every=cfg["every"])
   m = {k: np.asarray(v) for k, v in m.items()}  # (seeds, checkpoints)
   steps = np.arange(m["ratio"].shape[1]) * cfg["every"]
@@ -128,19 +132,23 @@ def run(quick: bool, out: str) -> dict:
   tests = [
       C.sign_test("r = s1/s_K: early quarter - late quarter", early_late(m["ratio"]),
                   what="> 0: the one-step ascent reaches less of the worst case late in training"),
-      C.sign_test("Spearman(r, kappa) over checkpoints", per_seed(C.spearman, m["ratio"], m["kappa"]),
+      C.sign_test("Spearman(r, kappa) over checkpoints",
+                  per_seed(C.spearman, m["ratio"], m["kappa"]),
                   what="> 0: r follows kappa = |g|/(rho lambda_max)"),
-      C.sign_test("cos(one-step, multi-step): early - late", early_late(m["cos_one_multi"]), primary=False),
+      C.sign_test("cos(one-step, multi-step): early - late", early_late(m["cos_one_multi"]),
+                  primary=False),
       C.sign_test("Spearman(r, Rayleigh quotient of g / lambda_max)",
                   per_seed(C.spearman, m["ratio"], m["rayleigh_ratio"]), primary=False),
-      C.sign_test("|cos(one-step, v_max)|: early - late", early_late(m["cos_one_vmax"]), primary=False),
+      C.sign_test("|cos(one-step, v_max)|: early - late", early_late(m["cos_one_vmax"]),
+                  primary=False),
   ]
   figures = {"settings": cfg, "rho": RHO, "steps": steps,
              "per_checkpoint_mean": {k: v.mean(0) for k, v in m.items()},
              "per_checkpoint_std": {k: v.std(0, ddof=1) for k, v in m.items()},
              "first_checkpoint": {k: C.mean_std(v[:, 0]) for k, v in m.items()},
              "last_checkpoint": {k: C.mean_std(v[:, -1]) for k, v in m.items()}}
-  return C.record(NAME, claim=CLAIM, published=PUBLISHED, protocol=C.protocol_of(__doc__), tests=tests,
+  return C.record(NAME, claim=CLAIM, published=PUBLISHED, protocol=C.protocol_of(__doc__),
+                  tests=tests,
                   figures=figures, plots=[plot(m, steps, out)], quick=quick, seconds=0)
 
 
@@ -149,7 +157,8 @@ def plot(m: dict, steps: np.ndarray, out: str) -> str:
   fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
   ax = axes[0]
   for key, label in (("ratio", "r = s1 / s_K"), ("cos_one_multi", "cos(one-step, multi-step)"),
-                     ("cos_one_vmax", "|cos(one-step, v_max)|"), ("rayleigh_ratio", "g^T H g / (|g|^2 lambda_max)")):
+                     ("cos_one_vmax", "|cos(one-step, v_max)|"), ("rayleigh_ratio",
+                                                                  "g^T H g / (|g|^2 lambda_max)")):
     mean, sd = m[key].mean(0), m[key].std(0)
     ax.plot(steps, mean, label=label)
     ax.fill_between(steps, mean - sd, mean + sd, alpha=0.2)

@@ -1,6 +1,7 @@
 """Claim 1: SAM and its variants can improve out-of-distribution generalization.
 
-Two tests on MNIST-5k, digits and the full Fashion-MNIST (60,000 training images), MLPs trained by SGD (momentum 0.9, cosine),
+Two tests on MNIST-5k, digits and the full Fashion-MNIST (60,000 training images), MLPs trained by
+SGD (momentum 0.9, cosine),
 SAM and ASAM on the same seeds (same initialization and batch order):
 
 1. corruptions: trained on clean images, evaluated on the test set under
@@ -27,13 +28,13 @@ from benchmarks.claims import common as C
 
 NAME = "ood"
 CLAIM = ("Some studies indicate that SAM and its variants can improve out-of-distribution (OOD) "
-         "generalization, which is a model's ability to perform well on data from distributions not "
-         "seen during training.")
+         "generalization, which is a model's ability to perform well on data from distributions "
+         "not seen during training.")
 PUBLISHED = ("Schapiro & Zhao 2024 (arXiv 2412.05169): SAM beats Adam by +4.76 points of zero-shot "
              "OOD accuracy on average over DomainBed, the best variants by +8.01; Springer et al., "
-             "ICLR 2024 (arXiv 2405.20439): SAM's linear probes are better on Waterbirds, CelebA and "
-             "CIFAR-MNIST dominoes; counter-evidence: DISAM (arXiv 2405.18861) finds SAM below ERM "
-             "on TerraIncognita.")
+             "ICLR 2024 (arXiv 2405.20439): SAM's linear probes are better on Waterbirds, CelebA "
+             "and CIFAR-MNIST dominoes; counter-evidence: DISAM (arXiv 2405.18861) finds SAM below "
+             "ERM on TerraIncognita.")
 
 LR, RHO_SAM, RHO_ASAM = 0.05, 0.1, 1.0
 OPTS = {"sgd": ("sgd", {"lr": LR}), "sam": ("sam_sgd", {"lr": LR, "rho": RHO_SAM}),
@@ -44,7 +45,8 @@ HIDDEN = 256
 def settings(quick: bool) -> dict:
   if quick:
     return {"datasets": ["digits"], "seeds": 3, "steps": 150, "probe_steps": 100}
-  return {"datasets": ["mnist5k", "digits", "fashion_mnist"], "seeds": 5, "steps": 800, "probe_steps": 300}
+  return {"datasets": ["mnist5k", "digits", "fashion_mnist"], "seeds": 5, "steps": 800,
+          "probe_steps": 300}
 
 
 def batch_size(dataset: str) -> int:
@@ -98,8 +100,8 @@ def dominoes_test(dataset: str, cfg: dict, seeds: list[int]) -> dict:
   y_tr_j, y_te_j = jnp.asarray(y_tr), jnp.asarray(y_te)
 
   def probe(params):
-    return np.asarray(C.linear_probe(_features(params, f_tr), y_tr_j, _features(params, f_te), y_te_j,
-                                     steps=cfg["probe_steps"]))
+    return np.asarray(C.linear_probe(_features(params, f_tr), y_tr_j, _features(params, f_te),
+                                     y_te_j, steps=cfg["probe_steps"]))
 
   out = {"init": {"probe": probe(params0)}}
   for name in ("sgd", "sam"):
@@ -118,8 +120,10 @@ def run(quick: bool, out: str) -> dict:
   for ds in cfg["datasets"]:
     corr[ds] = corruption_test(ds, cfg, seeds)
     dom[ds] = dominoes_test(ds, cfg, seeds)
-    figures["corruptions"][ds] = {o: {k: C.mean_std(v) for k, v in r.items()} for o, r in corr[ds].items()}
-    figures["dominoes"][ds] = {o: {k: C.mean_std(v) for k, v in r.items()} for o, r in dom[ds].items()}
+    figures["corruptions"][ds] = {o: {k: C.mean_std(v) for k, v in r.items()}
+                                  for o, r in corr[ds].items()}
+    figures["dominoes"][ds] = {o: {k: C.mean_std(v) for k, v in r.items()}
+                               for o, r in dom[ds].items()}
     sam, sgd, asam = corr[ds]["sam"], corr[ds]["sgd"], corr[ds]["asam"]
     tests.append(C.sign_test(f"{ds}: SAM - SGD, mean corrupted accuracy", sam["corrupted_mean"] -
                              sgd["corrupted_mean"], min_effect=1.0, unit="points",
@@ -127,7 +131,8 @@ def run(quick: bool, out: str) -> dict:
     tests.append(C.sign_test(f"{ds}: SAM - SGD, clean accuracy", sam["clean"] - sgd["clean"],
                              unit="points", primary=False))
     tests.append(C.sign_test(f"{ds}: SAM's corrupted gain minus its clean gain",
-                             (sam["corrupted_mean"] - sgd["corrupted_mean"]) - (sam["clean"] - sgd["clean"]),
+                             (sam["corrupted_mean"] - sgd["corrupted_mean"]) -
+                             (sam["clean"] - sgd["clean"]),
                              unit="points", primary=False,
                              what="> 0: the gain under shift exceeds the in-distribution gain"))
     tests.append(C.sign_test(f"{ds}: ASAM - SGD, mean corrupted accuracy", asam["corrupted_mean"] -
@@ -136,8 +141,8 @@ def run(quick: bool, out: str) -> dict:
                              dom[ds]["sam"]["probe"] - dom[ds]["sgd"]["probe"], unit="points",
                              what="probe trained and tested on cue-randomized images"))
     tests.append(C.sign_test(f"{ds} dominoes: SAM - SGD, accuracy with the cue randomized",
-                             dom[ds]["sam"]["cue_random"] - dom[ds]["sgd"]["cue_random"], unit="points",
-                             primary=False))
+                             dom[ds]["sam"]["cue_random"] - dom[ds]["sgd"]["cue_random"],
+                             unit="points", primary=False))
   plots.append(plot(corr, dom, out))
   return C.record(NAME, claim=CLAIM, published=PUBLISHED, protocol=C.protocol_of(__doc__),
                   tests=tests, figures=figures, plots=plots, quick=quick, seconds=0)

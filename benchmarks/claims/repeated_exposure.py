@@ -24,9 +24,9 @@ from benchmarks.claims import common as C
 NAME = "repeated_exposure"
 CLAIM = ("Other areas where it has been applied include [...] mitigating overfitting in scenarios "
          "with repeated exposure to training examples.")
-PUBLISHED = ("Foret et al. 2021, Table 4: CIFAR-10 ResNet-32 with 40% label noise, SGD 68.8% vs SAM "
-             "93.4% (unconfirmed); Bahri, Mobahi, Tay, ACL 2022 (arXiv 2110.08529): SAM's gains in "
-             "multi-epoch T5 fine-tuning grow as the training set shrinks.")
+PUBLISHED = ("Foret et al. 2021, Table 4: CIFAR-10 ResNet-32 with 40% label noise, SGD 68.8% vs "
+             "SAM 93.4% (unconfirmed); Bahri, Mobahi, Tay, ACL 2022 (arXiv 2110.08529): SAM's "
+             "gains in multi-epoch T5 fine-tuning grow as the training set shrinks.")
 
 BASE = {"lr": 1e-3, "wd": 1e-4}
 RHOS = (0.05, 0.2)
@@ -69,7 +69,8 @@ def run(quick: bool, out: str) -> dict:
                                                 for n, r in res.items()},
              "gain_equal_steps": {rho: {e: C.mean_std(res[f"sam_{rho}"][e] - res["adamw"][e])
                                         for e in cfg["epochs"]} for rho in cfg["rhos"]}}
-  return C.record(NAME, claim=CLAIM, published=PUBLISHED, protocol=C.protocol_of(__doc__), tests=tests,
+  return C.record(NAME, claim=CLAIM, published=PUBLISHED, protocol=C.protocol_of(__doc__),
+                  tests=tests,
                   figures=figures, plots=[plot(res, cfg, out)], quick=quick, seconds=0)
 
 

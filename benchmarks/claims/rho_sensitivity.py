@@ -37,15 +37,16 @@ import optax
 
 import sam_optax as so
 from benchmarks.claims import common as C
-from sam_optax import demo
-from sam_optax import flax_training as ft
+from sam_optax import flax as ft
+from sam_optax.demo.models import make_model
 
 NAME = "rho_sensitivity"
-CLAIM = "The algorithm also introduces the neighborhood size rho as a new hyperparameter, which requires tuning."
-PUBLISHED = ("Foret et al. 2021 tune rho over {0.01, 0.02, 0.05, 0.1, 0.2, 0.5} per task; Kwon et al. 2021 "
-             "(ASAM) use rho 0.5 (CIFAR-10) / 1.0 (CIFAR-100), about ten times SAM's; this project's "
-             "digits CNN (benchmarks/RESULTS.md, 40% noise): SAM 96.9% at rho 0.05 but 15.5% at 0.2 and "
-             "11.4% at 0.5 (stalled), ASAM 96.2-97.0% over its whole range.")
+CLAIM = ("The algorithm also introduces the neighborhood size rho as a new hyperparameter, which "
+         "requires tuning.")
+PUBLISHED = ("Foret et al. 2021 tune rho over {0.01, 0.02, 0.05, 0.1, 0.2, 0.5} per task; Kwon et "
+             "al. 2021 (ASAM) use rho 0.5 (CIFAR-10) / 1.0 (CIFAR-100), about ten times SAM's; "
+             "this project's digits CNN (benchmarks/RESULTS.md, 40% noise): SAM 96.9% at rho 0.05 "
+             "but 15.5% at 0.2 and 11.4% at 0.5 (stalled), ASAM 96.2-97.0% over its whole range.")
 
 RHOS = (0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0)
 DEFAULT = {"sam": 0.05, "asam": 0.5}
@@ -58,7 +59,8 @@ def settings(quick: bool) -> dict:
   if quick:
     return {"seeds": 3, "steps": 200, "datasets": ["digits"], "cnn_epochs": 4, "warmup_epochs": 2,
             "cnn_rhos": [0.2], "cnn_seeds": [100, 101, 102]}
-  return {"seeds": 5, "steps": 800, "datasets": ["digits", "mnist5k", "fashion_mnist"], "cnn_epochs": 12,
+  return {"seeds": 5, "steps": 800, "datasets": ["digits", "mnist5k", "fashion_mnist"],
+          "cnn_epochs": 12,
           "warmup_epochs": 3, "cnn_rhos": [0.2, 0.5], "cnn_seeds": [100, 101, 102]}
 
 
@@ -102,7 +104,7 @@ def spread(res: dict, method: str) -> np.ndarray:
 def cnn_run(tx, seed: int, epochs: int, data) -> tuple[np.ndarray, float]:
   """Training losses per step and final test accuracy of the demo CNN trained with ``tx``."""
   x_tr, y_tr, x_te, y_te = data
-  model = demo.make_model("cnn", head="relu")  # the head of the committed runs (the demo now uses "bn")
+  model = make_model("cnn", head="relu")  # the head of the committed runs (the demo now uses "bn")
   steps_per_epoch = len(y_tr) // 64
   key = jax.random.key(seed)
   variables = model.init({"params": key}, jnp.asarray(x_tr[:2]), train=False)
@@ -119,14 +121,16 @@ def cnn_run(tx, seed: int, epochs: int, data) -> tuple[np.ndarray, float]:
                             jax.random.fold_in(key, epoch * steps_per_epoch + i))
       losses.append(metrics["loss"])
   logits = ft.make_linen_eval_step()(state, jnp.asarray(x_te))
-  return np.asarray(jnp.stack(losses)), float(100 * jnp.mean(jnp.argmax(logits, -1) == jnp.asarray(y_te)))
+  return (np.asarray(jnp.stack(losses)),
+          float(100 * jnp.mean(jnp.argmax(logits, -1) == jnp.asarray(y_te))))
 
 
 _STEP = []
 
 
 def _cnn_step():
-  if not _STEP:  # one jitted step; it compiles once per optimizer object (a static field of the state)
+  # one jitted step; it compiles once per optimizer object (a static field of the state)
+  if not _STEP:
     _STEP.append(ft.make_linen_train_step())
   return _STEP[0]
 
@@ -139,11 +143,14 @@ def warmup_test(cfg: dict, seeds: list[int]) -> dict:
   arms = [(DEFAULT["sam"], "constant")]
   arms += [(rho, kind) for rho in cfg["cnn_rhos"] for kind in ("constant", "warmup")]
   for rho, kind in arms:
-    rho_fn = optax.constant_schedule(rho) if kind == "constant" else optax.linear_schedule(0.0, rho, warm)
-    sgd = optax.sgd(optax.cosine_decay_schedule(0.05, cfg["cnn_epochs"] * steps_per_epoch), momentum=0.9)
+    rho_fn = (optax.constant_schedule(rho) if kind == "constant"
+              else optax.linear_schedule(0.0, rho, warm))
+    sgd = optax.sgd(optax.cosine_decay_schedule(0.05, cfg["cnn_epochs"] * steps_per_epoch),
+                    momentum=0.9)
     tx = so.sam(sgd, rho_fn)  # built once per arm: the seeds reuse its compiled step
     runs = [cnn_run(tx, s, cfg["cnn_epochs"], load_digits(s, 0.4)) for s in seeds]
-    out[(rho, kind)] = {"losses": np.stack([r[0] for r in runs]), "test": np.array([r[1] for r in runs])}
+    out[(rho, kind)] = {"losses": np.stack([r[0] for r in runs]),
+                        "test": np.array([r[1] for r in runs])}
     print(f"  CNN rho={rho} {kind}: test {out[(rho, kind)]['test'].mean():.2f}", flush=True)
   return out
 
@@ -154,17 +161,21 @@ def run(quick: bool, out: str) -> dict:
   res = {ds: sweep(ds, cfg, seeds) for ds in cfg["datasets"]}
   tests = []
   for ds in cfg["datasets"]:
-    tests.append(C.sign_test(f"{ds}: SAM, test accuracy at the best minus the worst rho in [0.01, 0.5]",
+    tests.append(C.sign_test(f"{ds}: SAM, test accuracy at the best minus the worst rho in "
+                             f"[0.01, 0.5]",
                              spread(res[ds], "sam"), unit="points",
                              what="best and worst picked on validation data; > 0: rho matters"))
-    tests.append(C.sign_test(f"{ds}: ASAM, best minus worst rho in [0.1, 5]", spread(res[ds], "asam"),
+    tests.append(C.sign_test(f"{ds}: ASAM, best minus worst rho in "
+                             f"[0.1, 5]", spread(res[ds], "asam"),
                              unit="points", primary=False))
     tests.append(C.sign_test(f"{ds}: SAM's best-worst gap minus ASAM's", spread(res[ds], "sam") -
                              spread(res[ds], "asam"), unit="points", primary=False,
                              what="> 0: SAM is the more rho-sensitive"))
-    tests.append(C.sign_test(f"{ds}: SAM, validation-tuned rho minus rho=0.05", tuned_minus_default(res[ds], "sam"),
+    tests.append(C.sign_test(f"{ds}: SAM, validation-tuned rho minus rho=0.05",
+                             tuned_minus_default(res[ds], "sam"),
                              unit="points", primary=False, what="> 0: tuning beats the default"))
-    tests.append(C.sign_test(f"{ds}: ASAM, validation-tuned rho minus rho=0.5", tuned_minus_default(res[ds], "asam"),
+    tests.append(C.sign_test(f"{ds}: ASAM, validation-tuned rho minus rho=0.5",
+                             tuned_minus_default(res[ds], "asam"),
                              unit="points", primary=False))
   warm = warmup_test(cfg, cfg["cnn_seeds"])
   spe = 1203 // 64
@@ -172,23 +183,28 @@ def run(quick: bool, out: str) -> dict:
   after = lambda a: a[:, w * spe:(w + 1) * spe].mean(1)
   low = min(cfg["cnn_rhos"])
   tests.append(C.sign_test(f"CNN: test accuracy at rho=0.05 minus at rho={low} (both constant)",
-                           warm[(DEFAULT["sam"], "constant")]["test"] - warm[(low, "constant")]["test"],
+                           warm[(DEFAULT["sam"], "constant")]["test"] -
+                           warm[(low, "constant")]["test"],
                            unit="points", what="> 0: a value in the usual grid breaks training"))
   for rho in cfg["cnn_rhos"]:
-    tests.append(C.sign_test(f"CNN rho={rho}: training loss in epoch {w + 1}, constant minus warm-up",
-                             after(warm[(rho, "constant")]["losses"]) - after(warm[(rho, "warmup")]["losses"]),
+    tests.append(C.sign_test(f"CNN rho={rho}: training loss in epoch {w + 1}, constant minus "
+                             f"warm-up",
+                             after(warm[(rho, "constant")]["losses"]) -
+                             after(warm[(rho, "warmup")]["losses"]),
                              primary=False, what="> 0: the warm-up avoids the stall"))
     tests.append(C.sign_test(f"CNN rho={rho}: test accuracy, warm-up minus constant",
-                             warm[(rho, "warmup")]["test"] - warm[(rho, "constant")]["test"], unit="points",
-                             primary=False))
+                             warm[(rho, "warmup")]["test"] - warm[(rho, "constant")]["test"],
+                             unit="points", primary=False))
   figures = {"settings": cfg, "rhos_sam": RHOS, "rhos_asam": [10 * r for r in RHOS],
-             "sweep": {ds: {m: {k: [C.mean_std(v[:, i]) for i in range(len(RHOS))] for k, v in r.items()}
+             "sweep": {ds: {m: {k: [C.mean_std(v[:, i]) for i in range(len(RHOS))]
+                                for k, v in r.items()}
                             for m, r in res[ds].items()} for ds in res},
              "cnn": {f"rho={rho} {kind}": {"test_accuracy": C.mean_std(v["test"]),
                                            f"loss_epoch_{w + 1}": C.mean_std(after(v["losses"]))}
                      for (rho, kind), v in warm.items()}}
   plots = [plot(res, warm, cfg, out)]
-  return C.record(NAME, claim=CLAIM, published=PUBLISHED, protocol=C.protocol_of(__doc__), tests=tests,
+  return C.record(NAME, claim=CLAIM, published=PUBLISHED, protocol=C.protocol_of(__doc__),
+                  tests=tests,
                   figures=figures, plots=plots, quick=quick, seconds=0)
 
 
@@ -214,7 +230,8 @@ def plot(res, warm, cfg, out):
   for (rho, kind), v in warm.items():
     loss = v["losses"]
     ep = loss[:, : loss.shape[1] // spe * spe].reshape(len(loss), -1, spe).mean(2)
-    ax.plot(np.arange(1, ep.shape[1] + 1), ep.mean(0), ls="--" if kind == "warmup" else "-", color=colors[rho],
+    ax.plot(np.arange(1, ep.shape[1] + 1), ep.mean(0), ls="--" if kind == "warmup" else "-",
+            color=colors[rho],
             marker=".", label=f"rho={rho}, {kind} ({v['test'].mean():.1f}% test)")
   ax.axhline(np.log(10), color="k", lw=0.8, ls=":", label="ln 10")
   ax.axvspan(0.5, cfg["warmup_epochs"] + 0.5, color="k", alpha=0.06)
