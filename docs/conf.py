@@ -55,7 +55,7 @@ napoleon_google_docstring = True
 napoleon_numpy_docstring = False
 napoleon_use_rtype = False
 templates_path = ["_templates"]
-exclude_patterns = ["_build", "**.ipynb_checkpoints", "README.md"]
+exclude_patterns = ["_build", "**.ipynb_checkpoints", "README.md", "_generated"]
 suppress_warnings = ["myst.header"]  # RESULTS.md starts its sections at level 2 under our title
 
 html_theme = "sphinx_book_theme"

@@ -6,8 +6,9 @@
 
 import nbformat as nbf
 
-SMALL = '''import os
-SMALL = os.environ.get("SAM_OPTAX_NOTEBOOK_SMALL") == "1"  # CI runs the notebooks with tiny settings'''
+SMALL = ('''import os
+SMALL = os.environ.get("SAM_OPTAX_NOTEBOOK_SMALL") == "1"  # CI runs the notebooks with tiny '''
+         '''settings''')
 
 
 def notebook(cells):
@@ -19,9 +20,9 @@ def notebook(cells):
 
 
 QUICKSTART = [
-    "md:# Quickstart: SAM in an optax chain\n\n`sam_optax.sharpness_aware` receives the clean gradient "
-    "and a `grad_fn` closure, and returns the gradient at `w + rho * g/|g|`. It composes with any "
-    "optax chain and runs inside your jitted step.",
+    "md:# Quickstart: SAM in an optax chain\n\n`sam_optax.sharpness_aware` receives the clean "
+    "gradient and a `grad_fn` closure, and returns the gradient at `w + rho * g/|g|`. It composes "
+    "with any optax chain and runs inside your jitted step.",
     SMALL,
     '''import jax, jax.numpy as jnp, numpy as np, optax
 import matplotlib.pyplot as plt
@@ -58,7 +59,8 @@ def loss_fn(params, x, y):
 steps = 100 if SMALL else 1500
 curves, solutions, telemetry = {}, {}, {}
 for name, opt in {"sgd": optax.sgd(0.1, momentum=0.9),
-                  # telemetry="full" also records the cosine (it keeps g alive through the second pass)
+                  # telemetry="full" also records the cosine (it keeps g alive through the second
+                  pass)
                   "sam": optax.chain(sam_optax.sharpness_aware(0.05, telemetry="full"),
                                      optax.sgd(0.1, momentum=0.9))}.items():
     params, step = init(jax.random.key(0)), make_step(opt)
@@ -98,7 +100,8 @@ print(f"sharpness estimate: first 10 steps {t['sharpness'][:10].mean():.4f}, "
     "training loss at each solution.",
     '''from sam_optax import sharpness
 for name, p in solutions.items():
-    lam, _ = sharpness.hessian_top_eigenvalue(lambda q: loss_fn(q, x, y), p, num_iters=10 if SMALL else 50)
+    lam, _ = sharpness.hessian_top_eigenvalue(lambda q: loss_fn(q, x, y), p, num_iters=10 if SMALL
+    else 50)
     print(f"{name}: top Hessian eigenvalue {float(lam):.3f}")''',
     "md:A smaller top eigenvalue is a flatter minimum; notebooks 02 and 03 show what that buys "
     "on held-out and shifted data.",
@@ -106,19 +109,22 @@ for name, p in solutions.items():
 
 FLAX = [
     "md:# Flax training with BatchNorm and dropout: SGD vs SAM vs ASAM\n\n"
-    "`sam_optax.flax_training.make_linen_train_step` builds a jitted step for a `TrainState` with "
+    "`sam_optax.flax.make_linen_train_step` builds a jitted step for a `TrainState` with "
     "`batch_stats`: the running statistics come from the clean pass only and both passes use the "
     "same dropout key. Data: scikit-learn's digits with 40% symmetric label noise.",
     SMALL,
     '''import numpy as np, matplotlib.pyplot as plt
-from sam_optax import demo
+from sam_optax.datasets import load_digits
+from sam_optax.demo.models import make_model
+from sam_optax.demo.recipes import optimizers
+from sam_optax.demo.train import train_one
 
 epochs, seeds = (3, 1) if SMALL else (25, 2)
-model = demo.make_model("cnn")
-table = demo.optimizers(lr=0.05, steps=epochs * (1203 // 64), rho=0.1)
+model = make_model("cnn")
+table = optimizers(lr=0.05, steps=epochs * (1203 // 64), rho=0.1)
 runs = {}
 for name in ("sgd", "sam", "asam"):
-    runs[name] = [demo.train_one(model, table[name], demo.load_digits(seed, 0.4), epochs=epochs,
+    runs[name] = [train_one(model, table[name], load_digits(seed, 0.4), epochs=epochs,
                                  batch_size=64, seed=seed, with_sharpness=not SMALL)
                   for seed in range(seeds)]''',
     '''plt.figure(figsize=(6, 4))
@@ -143,14 +149,18 @@ SHARPNESS = [
     "`sam_optax.sharpness` works on any pytree model through a `loss_fn(params)` closure.",
     SMALL,
     '''import jax, jax.numpy as jnp, numpy as np, matplotlib.pyplot as plt
-from sam_optax import demo, sharpness
-from sam_optax import flax_training as ft
+from sam_optax import flax as ft
+from sam_optax import sharpness
+from sam_optax.datasets import load_digits
+from sam_optax.demo.models import make_model
+from sam_optax.demo.recipes import optimizers
+from sam_optax.demo.train import train_one
 
 epochs = 3 if SMALL else 25
-model = demo.make_model("cnn")
-table = demo.optimizers(lr=0.05, steps=epochs * (1203 // 64), rho=0.1)
-data = demo.load_digits(0, 0.4)
-sol = {name: demo.train_one(model, table[name], data, epochs=epochs, batch_size=64, seed=0,
+model = make_model("cnn")
+table = optimizers(lr=0.05, steps=epochs * (1203 // 64), rho=0.1)
+data = load_digits(0, 0.4)
+sol = {name: train_one(model, table[name], data, epochs=epochs, batch_size=64, seed=0,
                             with_sharpness=False).state for name in ("sgd", "sam")}
 x, y = jnp.asarray(data[0][:512]), jnp.asarray(data[1][:512])
 
@@ -160,13 +170,15 @@ def loss_at(state):
     "md:1D slices along a filter-normalized random direction (Li et al., 2018), one per solution:",
     '''n_pts = 11 if SMALL else 41
 alphas = jnp.linspace(-1, 1, n_pts)
-curves = {name: sharpness.loss_landscape_1d(loss_at(s), s.params, alphas=alphas, key=jax.random.key(1))
+curves = {name: sharpness.loss_landscape_1d(loss_at(s), s.params, alphas=alphas,
+key=jax.random.key(1))
           for name, s in sol.items()}
-sharpness.plot_landscape_1d(curves); plt.title("training loss along a random direction"); plt.show()''',
+sharpness.plot_landscape_1d(curves); plt.title("training loss along a random "
+                                               "direction"); plt.show()''',
     "md:The straight line from the SGD solution to the SAM solution. The loss rises between them: "
-    "they lie in different basins. SGD's has the lower training loss on these noisy labels (it fits "
-    "more of them), SAM's the flatter shape. The kink at 0.5 is where the plot switches from SGD's "
-    "BatchNorm statistics to SAM's.",
+    "they lie in different basins. SGD's has the lower training loss on these noisy labels (it "
+    "fits more of them), SAM's the flatter shape. The kink at 0.5 is where the plot switches from "
+    "SGD's BatchNorm statistics to SAM's.",
     '''d = jax.tree.map(lambda a, b: b - a, sol["sgd"].params, sol["sam"].params)
 # BatchNorm statistics differ between the solutions; use each end's for its half of the path
 t = jnp.linspace(0, 1, n_pts)
@@ -180,10 +192,12 @@ plt.ylabel("training loss"); plt.grid(alpha=0.3); plt.show()''',
 fig, ax = plt.subplots(figsize=(5, 3))
 for name, s in sol.items():
     f = loss_at(s)
-    lam, _ = jax.jit(lambda p: sharpness.hessian_top_eigenvalue(f, p, num_iters=iters, unroll=True))(s.params)
+    lam, _ = jax.jit(lambda p: sharpness.hessian_top_eigenvalue(f, p, num_iters=iters,
+    unroll=True))(s.params)
     ms = sharpness.max_sharpness(f, s.params, 0.05, steps=3 if SMALL else 5, unroll=True)
     print(f"{name}: top eigenvalue {float(lam):.2f}, max-sharpness {float(ms):.4f}")
-    sharpness.plot_spectrum(sharpness.hessian_spectrum(f, s.params, num_iters=8 if SMALL else 25), ax, label=name)
+    sharpness.plot_spectrum(sharpness.hessian_spectrum(f, s.params, num_iters=8 if SMALL else 25),
+    ax, label=name)
 ax.set_title("Hessian eigenvalue density"); plt.show()''',
     "md:The SAM solution sits in a wider basin: its slice is flatter, its top eigenvalue and its "
     "worst-case loss increase in the rho-ball are smaller, and its spectrum has less mass at large "
@@ -198,15 +212,19 @@ EFFICIENT = [
     "accuracy against them.",
     SMALL,
     '''import numpy as np, matplotlib.pyplot as plt
-from sam_optax import demo
+from sam_optax.datasets import load_digits
+from sam_optax.demo.models import make_model
+from sam_optax.demo.recipes import optimizers
+from sam_optax.demo.train import train_one
 
 epochs, seeds = (3, 1) if SMALL else (25, 2)
 steps_per_epoch = 1203 // 64
-model = demo.make_model("cnn")
-table = demo.optimizers(lr=0.05, steps=epochs * steps_per_epoch, rho=0.1)
+model = make_model("cnn")
+table = optimizers(lr=0.05, steps=epochs * steps_per_epoch, rho=0.1)
 passes = {"sgd": 1.0, "sam": 2.0, "looksam": 1.2, "randomized": 1.5, "msam": 1.0}
-runs = {name: [demo.train_one(model, table[name], demo.load_digits(seed, 0.4), epochs=epochs,
-                              batch_size=64, seed=seed, with_sharpness=False) for seed in range(seeds)]
+runs = {name: [train_one(model, table[name], load_digits(seed, 0.4), epochs=epochs,
+                              batch_size=64, seed=seed, with_sharpness=False) for seed in
+                              range(seeds)]
         for name in passes}''',
     '''fig, ax = plt.subplots(figsize=(6, 4))
 for name, rs in runs.items():

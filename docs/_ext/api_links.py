@@ -2,10 +2,10 @@
 
 The guides, the getting-started page and the included benchmark and claims pages
 write API names as inline code (```sam_optax.looksam```, ```looksam(0.05, k=5)```,
-```flax_training.make_linen_train_step```). At ``doctree-read`` every inline
+```flax.make_linen_train_step```). At ``doctree-read`` every inline
 literal outside code blocks and existing links is matched against the public names
 (:data:`api_pages.EXPECTED`, filled at ``config-inited``): a full dotted name, a
-name with the ``sam_optax.`` prefix left out (``flax_training.X``, ``sharpness.X``),
+name with the ``sam_optax.`` prefix left out (``flax.X``, ``sharpness.X``),
 or a bare top-level name; a trailing call (``(...)``) or attribute access is allowed.
 A match is wrapped in a ``py:obj`` cross-reference, which Sphinx resolves like any
 other; text that matches nothing is left as it is.
@@ -16,10 +16,9 @@ from __future__ import annotations
 import re
 from typing import TYPE_CHECKING
 
+import api_pages
 from docutils import nodes
 from sphinx import addnodes
-
-import api_pages
 
 if TYPE_CHECKING:
   from sphinx.application import Sphinx

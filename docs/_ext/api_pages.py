@@ -6,7 +6,7 @@ underscore, so a new module gets a page without touching the docs), and writes
 ``api/<module>.rst`` with an ``autosummary`` table of the module's ``__all__``
 (for a module without ``__all__``: the functions and classes it defines whose
 names do not start with an underscore). Names of the top-level package are
-grouped by the private module that defines them.
+grouped by their section in the method registry (``sam_optax._src.registry``).
 
 At ``build-finished`` it fails the build when a public name has no page.
 """
@@ -24,37 +24,12 @@ if TYPE_CHECKING:  # the page lists are also read by tests/test_docs.py, without
 
 PACKAGE = "sam_optax"
 # Shown first, in this order; other public submodules follow alphabetically.
-ORDERED = ["sam_optax", "sam_optax.sharpness", "sam_optax.flax_training", "sam_optax.checkpoint",
+ORDERED = ["sam_optax", "sam_optax.sharpness", "sam_optax.flax", "sam_optax.checkpoint",
            "sam_optax.datasets"]
 # Not API: the command-line demo.
-SKIPPED = {"sam_optax.demo"}
-# Section titles of the top-level names, by the private module that defines them.
-SECTIONS = {
-    "sam_optax._src.methods.sam": "SAM and its aliases",
-    "sam_optax._src.methods.descent": "Descent rules on the SAM point",
-    "sam_optax._src.methods.weighted": "Descent rules on the SAM point",
-    "sam_optax._src.methods.functional": "Descent rules on the SAM point",
-    "sam_optax._src.methods.esam": "Data selection, parallel and one-pass methods",
-    "sam_optax._src.methods.sampa": "Data selection, parallel and one-pass methods",
-    "sam_optax._src.methods.msam": "Data selection, parallel and one-pass methods",
-    "sam_optax.trajectory": "Data selection, parallel and one-pass methods",
-    "sam_optax._src.methods.looksam": "Schedules that skip the second pass",
-    "sam_optax._src.methods.schedules": "Schedules that skip the second pass",
-    "sam_optax._src.methods.late_phase": "Schedules that skip the second pass",
-    "sam_optax._src.gating": "Schedules that skip the second pass",
-    "sam_optax._src.geometries.base": "Perturbation geometries",
-    "sam_optax._src.geometries.basic": "Perturbation geometries",
-    "sam_optax._src.geometries.metric": "Perturbation geometries",
-    "sam_optax._src.geometries.scaled": "Perturbation geometries",
-    "sam_optax._src.geometries.history": "Perturbation geometries",
-    "sam_optax._src.geometries.random": "Perturbation geometries",
-    "sam_optax._src.methods.universal": "Broader sharpness measures and Bayesian SAM",
-    "sam_optax._src.methods.bayes": "Broader sharpness measures and Bayesian SAM",
-    "sam_optax._src.engine": "What a train step passes and reads",
-    "sam_optax._src.telemetry": "What a train step passes and reads",
-    "sam_optax._src.distributed": "What a train step passes and reads",
-    "sam_optax._src.finite": "What a train step passes and reads",
-}
+SKIPPED = {"sam_optax.demo", "sam_optax.flax_training"}  # the demo; the deprecated name
+# The top-level names are grouped by their section in the method registry
+# (sam_optax/_src/registry.py): a new method needs no line here.
 API_DIR = "api"
 EXPECTED: dict[str, list[str]] = {}  # module -> public names, filled at config-inited
 STUB_DIR = "_autosummary"
@@ -89,12 +64,13 @@ def module_page(name: str) -> str:
   out = [title, "=" * len(title), "", f".. automodule:: {name}", "   :no-members:", "",
          f".. currentmodule:: {name}", ""]
   if name == PACKAGE:
+    from sam_optax._src import registry
+    section_of = {e.name: e.section for e in registry.ENTRIES}
+    section_of.update({state: section_of[owner] for state, owner in registry.STATES.items()})
     groups: dict[str, list[str]] = {}
     for n in names:
-      origin = getattr(getattr(module, n), "__module__", "") or ""
-      groups.setdefault(SECTIONS.get(origin, "Other"), []).append(n)
-    order = list(dict.fromkeys(list(SECTIONS.values()) + list(groups)))
-    for section in order:
+      groups.setdefault(section_of.get(n, "Other"), []).append(n)
+    for section in list(registry.SECTIONS) + ["Other"]:
       if section in groups:
         out += [section, "-" * len(section), "", _table(groups[section])]
   else:
