@@ -59,8 +59,7 @@ def loss_fn(params, x, y):
 steps = 100 if SMALL else 1500
 curves, solutions, telemetry = {}, {}, {}
 for name, opt in {"sgd": optax.sgd(0.1, momentum=0.9),
-                  # telemetry="full" also records the cosine (it keeps g alive through the second
-                  pass)
+                  # telemetry="full" also records the cosine (g stays alive through pass two)
                   "sam": optax.chain(sam_optax.sharpness_aware(0.05, telemetry="full"),
                                      optax.sgd(0.1, momentum=0.9))}.items():
     params, step = init(jax.random.key(0)), make_step(opt)
