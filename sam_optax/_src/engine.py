@@ -67,7 +67,7 @@ class _Engine:
   def __init__(self, method: Method, rho: radius.Rho, eps: float, axis_name: Any,
                telemetry: Any):
     self.method, self.rho, self.eps, self.axis_name = method, rho, eps, axis_name
-    self.auto = rho if radius.is_auto(rho) else None
+    self.auto: radius.AutoRho | None = rho if isinstance(rho, radius.AutoRho) else None
     self.recording = bool(telemetry) and method.telemetry
     self.record_cosine = method.reports_g and (
         telemetry == "full" or (bool(telemetry) and method.keeps_gradient))

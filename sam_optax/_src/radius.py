@@ -128,11 +128,12 @@ class AutoRho:
     :math:`(L(w+\\epsilon) - L(w)) / (\\rho \\|g\\|)` (1 where the loss is linear along
     the ascent, below 1 where it bends down: the radius reaches past the bowl). Either
     is NaN where it is not defined."""
-    f32 = lambda x: jnp.asarray(x, jnp.float32)
+    nan = jnp.float32(jnp.nan)   # what a rule does not need may be absent: NaN stands in
+    f32 = lambda x: nan if x is None else jnp.asarray(x, jnp.float32)
     tiny = jnp.float32(1e-12)
-    loss = None if clean_loss is None else f32(clean_loss)
-    rise = None if loss is None or perturbed_loss is None else f32(perturbed_loss) - loss
-    first = None if g_norm is None else rho * f32(g_norm)
+    loss = f32(clean_loss)
+    rise = f32(perturbed_loss) - loss
+    first = rho * f32(g_norm)
     if self.signal == "relgrad":
       signal = f32(diff_norm) / jnp.maximum(f32(g_norm), tiny)
     elif self.signal == "budget":

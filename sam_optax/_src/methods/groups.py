@@ -52,17 +52,20 @@ def check_group_size(group_size: Any, group_chunk: Any, ascent_steps: int, fn: s
   return m, c
 
 
-def split_batch(objective: Objective, m: int, fn: str) -> tuple[Any, int]:
+def split_batch(objective: Objective | None, m: int, fn: str) -> tuple[Any, int]:
   """The objective's batch (and clean outputs and losses) reshaped to ``(G, m, ...)``."""
-  if objective.batch is None:
+  if objective is None or objective.batch is None:
     raise ValueError(
         f"`{fn}(group_size={m})` splits the batch into groups: pass "
         "`objective=sam_optax.Objective(apply_fn, loss_fn, batch)` with the batch (the Flax "
         "steps carry it with `make_linen_train_step(subset=True)` and `nnx_objective`).")
-  sizes = {jnp.shape(x)[0] if jnp.ndim(x) else None for x in jax.tree.leaves(objective.batch)}
-  if len(sizes) != 1 or None in sizes:
+  leaves = jax.tree.leaves(objective.batch)
+  sizes = {int(jnp.shape(x)[0]) for x in leaves if jnp.ndim(x)}
+  scalars = ["None"] if any(not jnp.ndim(x) for x in leaves) else []
+  if len(sizes) != 1 or scalars:
     raise ValueError(f"`{fn}(group_size={m})`: every leaf of the objective's batch needs the "
-                     f"same leading (example) axis, got leading sizes {sorted(map(str, sizes))}.")
+                     f"same leading (example) axis, got leading sizes "
+                     f"{sorted(map(str, sizes)) + scalars}.")
   size = sizes.pop()
   if size % m:
     raise ValueError(f"`{fn}(group_size={m})`: the batch of {size} examples does not split into "
@@ -93,6 +96,7 @@ def grouped_ascent(perturbation: optax.GradientTransformation, m: int, chunk: in
     del pts, loss, grad
     objective = s.closures.objective
     (batches, outputs, losses), groups = split_batch(objective, m, s.fn)
+    assert objective is not None   # split_batch raised otherwise
     params, radius = s.params, s.radius
     zero = tu.zeros_like(params)
 

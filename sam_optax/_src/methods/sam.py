@@ -15,6 +15,7 @@ from sam_optax._src import tree as tu
 from sam_optax._src.distributed import check_axis_name
 from sam_optax._src.methods import groups
 from sam_optax._src.protocol import Method, Points, Step, perturbed_gradient
+from sam_optax._src.radius import RadiusState
 from sam_optax._src.telemetry import Telemetry
 from sam_optax._src.validation import check_real, check_static_int
 
@@ -43,7 +44,7 @@ class SharpnessAwareState(NamedTuple):
   count: jax.Array
   perturbation_state: optax.OptState
   telemetry: Telemetry | None = None
-  radius: radius.RadiusState | None = None
+  radius: RadiusState | None = None
 
 
 def check_perturbation(perturbation: Any, eps: float, fn: str) -> optax.GradientTransformation:
