@@ -93,3 +93,45 @@ def test_flax_training_still_imports_with_a_warning():
              for w in caught)
   from sam_optax import flax
   assert ft.make_linen_train_step is flax.make_linen_train_step
+
+
+def _module_imports() -> dict[str, set[str]]:
+  """Each module of the package and the package modules it imports at module level (``from
+  pkg import submodule`` counts as the submodule, not the package)."""
+  import ast
+  from pathlib import Path
+  root = Path(so.__file__).resolve().parent
+  mods = {}
+  for p in root.rglob("*.py"):
+    parts = p.relative_to(root.parent).with_suffix("").parts
+    mods[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = p
+  graph = {m: set() for m in mods}
+  for m, p in mods.items():
+    for node in ast.parse(p.read_text()).body:
+      if isinstance(node, ast.Import):
+        targets = [a.name for a in node.names]
+      elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+        subs = [f"{node.module}.{a.name}" for a in node.names]
+        targets = [s for s in subs if s in mods] or [node.module]
+      else:
+        continue
+      graph[m] |= {t for t in targets if t in mods and t != m and t != "sam_optax"}
+  return graph
+
+
+def test_no_import_circle_inside_the_package():
+  graph, state, cycles = _module_imports(), {}, []
+
+  def visit(u, path):
+    state[u] = "open"
+    for v in sorted(graph[u]):
+      if state.get(v) == "open":
+        cycles.append(" -> ".join(path[path.index(v):] + [v]))
+      elif v not in state:
+        visit(v, path + [v])
+    state[u] = "done"
+
+  for m in sorted(graph):
+    if m not in state:
+      visit(m, [m])
+  assert not cycles, "import circles: " + "; ".join(cycles)
