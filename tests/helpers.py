@@ -60,3 +60,18 @@ def mlp_example_losses(params, batch):
   """The per-example terms of ``mlp_loss`` (its mean is ``mlp_loss``), for ESAM."""
   x, y = batch
   return -jnp.take_along_axis(jax.nn.log_softmax(mlp_apply(params, x)), y[:, None], axis=1)[:, 0]
+
+
+def typeof(x):
+  """``jax.typeof`` where this jax has it; the abstract value (shape, dtype) on the oldest jax
+  the package supports, which has no sharding in its types."""
+  f = getattr(jax, "typeof", None)
+  return f(x) if f is not None else jax.core.get_aval(x)
+
+
+def shard_map(f, **kwargs):
+  """``jax.shard_map``, or ``jax.experimental.shard_map.shard_map`` on jax before 0.6."""
+  sm = getattr(jax, "shard_map", None)
+  if sm is None:
+    from jax.experimental.shard_map import shard_map as sm
+  return sm(f, **kwargs)

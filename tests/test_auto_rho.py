@@ -6,10 +6,12 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from jax import export as jax_export
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import sam_optax as so
+from helpers import shard_map, typeof
 from sam_optax._src import radius
 from sam_optax._src.tree import find_states
 
@@ -114,15 +116,15 @@ def test_no_recompilation_and_stable_types():
     return optax.apply_updates(w, updates), state
 
   w, state = init(), tx.init(init())
-  before = jax.tree.map(jax.typeof, state)
+  before = jax.tree.map(typeof, state)
   for _ in range(4):
     w, state = step(w, state)
   assert len(traces) == 1
-  assert jax.tree.map(jax.typeof, state) == before
+  assert jax.tree.map(typeof, state) == before
   # eager too
   g, kw = closures(w)
   _, eager = tx.update(g, state, w, **kw)
-  assert jax.tree.map(jax.typeof, eager) == before
+  assert jax.tree.map(typeof, eager) == before
 
 
 def test_export_round_trip():
@@ -135,8 +137,8 @@ def test_export_round_trip():
     updates, state = tx.update(g, state, w, **kw)
     return jax.tree.leaves((optax.apply_updates(w, updates), state))
 
-  exported = jax.export.export(jax.jit(step))(*leaves)
-  got = jax.export.deserialize(exported.serialize()).call(*leaves)
+  exported = jax_export.export(jax.jit(step))(*leaves)
+  got = jax_export.deserialize(exported.serialize()).call(*leaves)
   want = jax.jit(step)(*leaves)
   for a, b in zip(got, want, strict=True):
     np.testing.assert_array_equal(a, b)
@@ -202,7 +204,7 @@ def test_shard_map_same_radius_on_every_device():
     return s.radius.rho[None]
 
   x, y = (jax.device_put(a, NamedSharding(mesh, P("d"))) for a in (X, Y))
-  radii = np.asarray(jax.shard_map(local, mesh=mesh, in_specs=(P("d"), P("d")),
+  radii = np.asarray(shard_map(local, mesh=mesh, in_specs=(P("d"), P("d")),
                                    out_specs=P("d"))(x, y))
   assert np.unique(np.asarray(radii)).size == 1
   rule = radius.auto_rule(0.05)
@@ -226,13 +228,13 @@ def test_half_precision_and_a_zero_gradient_stay_finite(dtype):
   state = tx.init(w)
   half_loss = lambda p: loss(jax.tree.map(lambda x: x.astype(jnp.float32), p))
   vg = jax.value_and_grad(half_loss)
-  before = jax.tree.map(jax.typeof, state)
+  before = jax.tree.map(typeof, state)
   for _ in range(3):
     value, g = vg(w)
     updates, state = tx.update(g, state, w, value=value, value_and_grad_fn=vg)
     w = optax.apply_updates(w, updates)
   assert all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves((w, state)))
-  assert jax.tree.map(jax.typeof, state) == before
+  assert jax.tree.map(typeof, state) == before
   # a zero gradient at a zero loss: no NaN in the update or the radius
   flat = lambda p: 0.0 * jnp.sum(p["a"].astype(jnp.float32))
   vg0 = jax.value_and_grad(flat)
