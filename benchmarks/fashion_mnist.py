@@ -61,47 +61,10 @@ from sam_optax import flax as ft
 from sam_optax.datasets import load_fashion_mnist
 
 from .claims import common as C
+from .lab.tasks import MLP, ResNet  # the same models as the auto-rho and m-sharpness runs
 
 BATCH, NOISE, SWEEP_TRAIN, SWEEP_VAL = 128, 0.4, 15_000, 5_000
 CORRUPTIONS = ("noise", "blur", "rotate15")
-
-
-class Block(nn.Module):
-  """Two 3x3 convolutions with BatchNorm and a shortcut (1x1 projection where shapes change)."""
-  width: int
-  stride: int = 1
-
-  @nn.compact
-  def __call__(self, x, train: bool = False):
-    bn = lambda: nn.BatchNorm(use_running_average=not train, momentum=0.9)
-    y = nn.relu(bn()(nn.Conv(self.width, (3, 3), self.stride, use_bias=False)(x)))
-    y = bn()(nn.Conv(self.width, (3, 3), use_bias=False)(y))
-    if self.stride != 1 or x.shape[-1] != self.width:
-      x = bn()(nn.Conv(self.width, (1, 1), self.stride, use_bias=False)(x))
-    return nn.relu(x + y)
-
-
-class ResNet(nn.Module):
-  widths: tuple = (8, 16, 32)
-
-  @nn.compact
-  def __call__(self, x, train: bool = False):
-    x = nn.Conv(self.widths[0], (3, 3), 2, use_bias=False)(x)
-    x = nn.relu(nn.BatchNorm(use_running_average=not train, momentum=0.9)(x))
-    for i, w in enumerate(self.widths):
-      x = Block(w, 1 if i == 0 else 2)(x, train)
-    return nn.Dense(10)(x.mean((1, 2)))
-
-
-class MLP(nn.Module):
-  width: int = 512
-
-  @nn.compact
-  def __call__(self, x, train: bool = False):
-    x = x.reshape(x.shape[0], -1)
-    for _ in range(2):
-      x = nn.relu(nn.Dense(self.width)(x))
-    return nn.Dense(10)(x)
 
 
 MODELS = {"cnn": (ResNet, 0.1), "mlp": (MLP, 0.05)}
