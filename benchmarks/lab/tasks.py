@@ -231,6 +231,41 @@ class ImageTask:
 
     return (lambda state, i: step(state, *batch(i))), state, batch
 
+  def epoch_timer(self, spec: Spec, epochs: int = 2, seed: int = 0) -> Callable[[], float]:
+    """A callable that trains ``spec`` for ``epochs`` from a fresh state with this task's
+    training loop and returns the seconds it took (compiled on the first call): a short run
+    whose schedule has the full run's shape (late-phase SAM in its last quarter, LookSAM's
+    and randomized SAM's skipped passes, SAF's and MESA's term), for run-time ratios."""
+    data = load(self.dataset, seed, self.noise, self.val, self.limit)
+    spe = len(data.y) // self.batch
+    steps = epochs * spe
+    built = build(spec, self.base(steps), steps, spe, epochs)
+    model = self.make_model()
+    step = _make_step(built)
+    x, y = jnp.asarray(data.x), jnp.asarray(data.y)
+    key = jax.random.key(seed)
+    orders = [jnp.asarray(np.random.default_rng(e).permutation(len(data.y))[: spe * self.batch]
+                          .reshape(spe, self.batch), jnp.int32) for e in range(epochs)]
+    epoch_fn = _scan_epoch(step, built.kind == "saf") if self.loop == "scan" else None
+    step_fn = (so.gated_jit(step) if built.gated else jax.jit(step)) if epoch_fn is None else None
+
+    def timed() -> float:
+      state = _init_state(model, built, data, seed)
+      jax.block_until_ready(state.params)
+      t0 = time.perf_counter()
+      for e, order in enumerate(orders):
+        if epoch_fn is not None:
+          state, _ = epoch_fn(state, x, y, order, key, e * spe)
+        else:
+          for i in range(spe):
+            idx = order[i]
+            batch = (x[idx], y[idx]) + ((idx,) if built.kind == "saf" else ())
+            state, _ = step_fn(state, batch, jax.random.fold_in(key, e * spe + i))
+      jax.block_until_ready(state.params)
+      return time.perf_counter() - t0
+
+    return timed
+
   def run(self, spec: Spec, seed: int, tick: Callable, measure: bool = False) -> dict:
     data = load(self.dataset, seed, self.noise, self.val, self.limit)
     epochs = self.epochs_of(spec)
