@@ -1,4 +1,4 @@
-"""Two measured explanations for RESULTS.md and the guides.
+"""Two measured explanations for the guides (figures in ARCHIVE.md).
 
   python -m benchmarks.explanations [--only lambda_max,looksam] [--seeds 2] [--lambda-seeds 1]
 

@@ -3,7 +3,7 @@
   python benchmarks/late_phase_stall.py [--rho 0.2] [--epochs 2] [--starts 20,62] [--seeds 1]
 
 The demo's CNN with the unnormalized ReLU head (``demo.make_model("cnn", head="relu")``, the
-head that dies under SAM: RESULTS.md, "Dead units") on MNIST-5k with 40% symmetric label noise,
+head that dies under SAM: ARCHIVE.md, "Dead units") on MNIST-5k with 40% symmetric label noise,
 SGD + momentum 0.9, lr 0.05 cosine over 10 epochs (the demo's ``--epochs 10`` schedule), batch
 64 (62 steps an epoch). Rows: SGD, SAM at rho, and ``late_phase(sharpness_aware(rho),
 start_step=s)`` for each s in --starts (plain SGD steps first). Prints the test accuracy and

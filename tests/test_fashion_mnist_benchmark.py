@@ -1,5 +1,5 @@
 """benchmarks/fashion_mnist.py's bookkeeping, on made-up runs (the training itself is the
-recorded run in RESULTS.md): the summary's means, the wall-clock ratio that leaves out the
+recorded run in ARCHIVE.md): the summary's means, the wall-clock ratio that leaves out the
 compiling run, and tables whose rows have as many cells as their header."""
 
 import sys

@@ -95,7 +95,7 @@ def test_telemetry_memory_on_a_convnet():
   """Issue 12: on a convnet (activations dominate), recording the telemetry, losses
   included, leaves the compiled temporary memory within 1% of the step without it. The
   cosine needs g alive until the perturbed gradient is done: on a wide MLP at small batch
-  that costs up to one params-sized buffer (benchmarks/RESULTS.md has the figures)."""
+  that costs up to one params-sized buffer (benchmarks/ARCHIVE.md has the figures)."""
   params, batch, loss = _cnn()
   on = so.sam(optax.sgd(0.1, momentum=0.9), 0.05)
   off = optax.chain(so.sharpness_aware(0.05, telemetry=False), optax.sgd(0.1, momentum=0.9))

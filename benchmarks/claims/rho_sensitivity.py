@@ -12,10 +12,10 @@ for SAM. Picking both on validation data keeps the statistic centred on 0 when
 rho does not matter. Reported too: the same for ASAM, SAM's minus ASAM's, and
 the validation-tuned rho minus the default (SAM 0.05, ASAM 0.5).
 
-(b) Warm-up against the early stall. The demo's BatchNorm CNN on digits with
-40% label noise (``sam_optax.demo.make_model("cnn")``, SGD momentum lr 0.05
+(b) Warm-up against the early stall. The demo's CNN with its former ReLU head on
+digits with 40% label noise (``make_model("cnn", head="relu")``, SGD momentum lr 0.05
 cosine, batch 64), where SAM at rho >= 0.2 stalls at the start (training loss
-stuck near ln 10 = 2.30; benchmarks/RESULTS.md, seeds 0-2). New seeds (100-102)
+stuck near ln 10 = 2.30; benchmarks/ARCHIVE.md, seeds 0-2). New seeds (100-102)
 for the labels' noise, the initialization and the batch order. First the
 sensitivity itself, within Foret et al.'s grid: test accuracy at a constant rho
 of 0.05 minus at 0.2, predicted > 0 (a primary test: the earlier run that
