@@ -239,7 +239,7 @@ for name, rs in runs.items():
     "buy here: near SAM's accuracy at SGD's cost. Randomized SAM reaches SAM's final accuracy with "
     "a quarter fewer gradient evaluations. LookSAM (k = 5, alpha = 0.7) is cheap per step but "
     "unstable with this BatchNorm CNN and 40% label noise: it ends well below the others (see "
-    "`benchmarks/RESULTS.md`; a smaller alpha is the first thing to try). The steps/s column is "
+    "`benchmarks/ARCHIVE.md`; a smaller alpha is the first thing to try). The steps/s column is "
     "the real time per step on this machine, with skipped passes not run.",
 ]
 
