@@ -3,6 +3,7 @@
   python -m benchmarks.study               # the recorded run (resumable; about 3 hours on 2 cores)
   python -m benchmarks.study --quick       # a smoke run on slices of the data (minutes)
   python -m benchmarks.study --report      # only rewrite study.json from the finished runs
+  python -m benchmarks.study --device      # on an accelerator: the CNN part, wider and longer
 
 Fashion-MNIST's 60,000 training images with symmetric label noise (40%, and 0% for a
 reference), 5,000 of them held out as a noisy validation split that makes every choice (a
@@ -14,19 +15,24 @@ noise, the init, the batches).
   0.9, lr 0.05 cosine, batch 128, 40 epochs: SGD fits the noisy labels in the second half and
   its test accuracy falls well below its best epoch's.
 * **Every method** on it: SGD and AdamW; SAM at its validation-chosen radius, at the default
-  0.05 and with ``rho="auto"``; m-sharpness (``group_size`` 32 and 8); ASAM; the cheap family
-  (LookSAM, late-phase SAM, randomized SAM, MSAM, MESA, SAF, ESAM, SAMPa); Functional-SAM
-  and WSAM. SAM's radius comes from the validation split (``auto_rho``'s grid); the variants
-  that perturb along SAM's ball use that radius; ASAM, MSAM and WSAM choose theirs from two
-  or three values on seed 0's validation split; SAF and MESA use their papers' λ.
+  0.05 and with ``rho="auto"``; m-sharpness (``group_size`` 32: m = 8 costs 14 times SAM's
+  step for this MLP on this CPU, see ``group_cost.json``; ``msharpness.py`` measures it on
+  MNIST-5k); ASAM; the cheap family (LookSAM, late-phase SAM, randomized SAM, MSAM, MESA, SAF,
+  ESAM, SAMPa); Functional-SAM and WSAM. SAM's radius is the best of ``auto_rho``'s grid on
+  seed 0's noisy validation split; the variants that perturb along SAM's ball use that radius;
+  ASAM, MSAM and WSAM choose theirs from two or three values the same way; SAF and MESA use
+  their papers' λ.
 * **Three compute matches**: equal epochs (40 for every method); equal gradient evaluations
   (SGD and AdamW for 80 epochs, SAM's two passes per step); equal wall clock (SGD and AdamW
   for the epochs SAM's measured time buys).
 * **Time**: each method's seconds per epoch, measured in one interleaved timing run (two
   epochs each, three rounds, the median), as a ratio to SGD's.
-* **References**: the MLP with clean labels (SGD, AdamW, SAM at its radius, at 0.05, auto) and
-  the ResNet-style CNN with BatchNorm at 40% noise (SGD, SAM at 0.05 and auto, the cheapest
-  variants), as far as the budget allows.
+* **References**, run last and cut first: the MLP with clean labels (SGD, AdamW, SAM at its
+  radius, at 0.05, auto) and the ResNet-style CNN with BatchNorm at 40% noise, 8 epochs (SGD,
+  SAM at 0.05 and auto, late-phase SAM).
+* **Order**: seed 0's baselines, SAM's grid and the sweeps; the timing run; every method seed
+  by seed; m-sharpness; the references. The plan is made again after each run, so a stopped
+  study resumes where it stopped and a partial one has whole seeds.
 
 Per run (``benchmarks/runs/<task>/<method>/seed<k>.json``): test, validation and noisy-fit
 curves per epoch, the final and the validation-chosen test accuracy, corrupted-image
@@ -77,6 +83,41 @@ def tasks(quick: bool = False) -> dict:
                                       lr=0.1, weight_decay=5e-4, batch=128, epochs=short(8),
                                       val=500 if quick else 5000, limit=limit),
   }
+
+
+# the accelerator profile (``--device``): the CNN part at a size one short call on one GPU fits
+DEVICE_TASK = "fmnist_cnn_noise40_device"
+DEVICE_SPECS = ("sgd", "sam@0.05", "sam@auto", "looksam@0.05", "msam@0.3")
+
+
+def device_tasks(quick: bool = False, epochs: int = 15) -> dict:
+  """The CNN at 40% noise, wider (widths 32, 64, 128) and longer than on the CPU, one compiled
+  epoch per call (``lax.scan``, fine for convolutions on an accelerator)."""
+  return {DEVICE_TASK: ImageTask(
+      DEVICE_TASK, "fashion_mnist", lambda: ResNet(widths=(32, 64, 128)), noise=0.4, lr=0.1,
+      weight_decay=5e-4, batch=128, epochs=2 if quick else epochs, val=500 if quick else 5000,
+      loop="scan", limit=3000 if quick else None)}
+
+
+def run_device(store: Store, task: ImageTask) -> dict:
+  """Every ``DEVICE_SPECS`` run on 3 seeds (resumable), then ``study_device.json``'s table:
+  per spec the mean final, validation-chosen and best test accuracy, noisy fit and train
+  seconds, with the device's name."""
+  import jax
+  rows = [(task.name, s, k) for k in SEEDS for s in DEVICE_SPECS]
+  plan_rows = [(t, s, k, task.units(Spec.parse(s)),
+                lambda tick, s=s, k=k: task.run(Spec.parse(s), k, tick, measure=False))
+               for t, s, k in rows]
+  from .lab.store import run_all
+  results = run_all(store, plan_rows)
+  table = {}
+  for spec in DEVICE_SPECS:
+    runs = [results[(task.name, spec, k)] for k in SEEDS]
+    table[spec] = {key: float(100 * np.mean([r[key] for r in runs]))
+                   for key in ("final", "val_chosen", "best", "noisy_fit")}
+    table[spec]["train_seconds"] = float(np.median([r["train_seconds"] for r in runs]))
+  return {"device": jax.devices()[0].device_kind, "epochs": task.epochs, "seeds": list(SEEDS),
+          "table": table}
 
 
 # ------------------------------------------------------------------------ choices
@@ -289,7 +330,19 @@ def main(argv=None) -> int:
   parser.add_argument("--retime", action="store_true", help="measure the time ratios again")
   parser.add_argument("--only", default=None, help="comma-separated task names")
   parser.add_argument("--store", default=None, help="folder of the finished runs")
+  parser.add_argument("--device", action="store_true",
+                      help="the accelerator profile: the CNN part only, wider and longer "
+                           "(study_device.json)")
+  parser.add_argument("--device-epochs", type=int, default=15)
   args = parser.parse_args(argv)
+  if args.device:
+    root = args.store or os.path.join(HERE, "runs_device" if not args.quick else "runs_quick")
+    out = run_device(Store(root), device_tasks(args.quick, args.device_epochs)[DEVICE_TASK])
+    path = os.path.join(root if args.quick else HERE, "study_device.json")
+    with open(path, "w") as f:
+      json.dump(out, f, indent=1)
+    print(f"wrote {path}")
+    return 0
   root = args.store or os.path.join(HERE, "runs" if not args.quick else "runs_quick")
   store = Store(root)
   all_tasks = tasks(args.quick)

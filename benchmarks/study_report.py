@@ -259,6 +259,28 @@ def gains_table(study: dict) -> str:
   return "\n".join(rows) + "\n"
 
 
+def verdict_sentence(study: dict) -> str:
+  """Whether SAM (chosen ρ) beats SGD and AdamW when they get its gradient evaluations, and
+  at the validation-chosen epoch (early stopping on the noisy split)."""
+  g = study["headline"]["equal_gradient_evaluations"]
+  if "sam" not in g or "sgd" not in g:
+    return ""
+  sam, sgd, adamw = g["sam"], g["sgd"], g.get("adamw")
+  word = lambda d: "above" if d > 0 else "below"
+  d_sgd = sam["final"] - sgd["final"]
+  text = (f"At equal gradient evaluations SAM ends {abs(d_sgd):.2f} points {word(d_sgd)} SGD "
+          f"({sam['final']:.2f}% against {sgd['final']:.2f}% for SGD trained {sgd['epochs']} "
+          f"epochs)")
+  if adamw is not None:
+    d = sam["final"] - adamw["final"]
+    text += f" and {abs(d):.2f} points {word(d)} AdamW ({adamw['final']:.2f}%)"
+  v = sam["val_chosen"] - sgd["val_chosen"]
+  text += (f"; with the epoch each run keeps chosen on the noisy validation split, SAM is "
+           f"{abs(v):.2f} points {word(v)} SGD ({sam['val_chosen']:.2f}% against "
+           f"{sgd['val_chosen']:.2f}%).")
+  return text + "\n\n"
+
+
 def regime_table(study: dict) -> str:
   rows = ["| model | seed | epochs | SGD best % (epoch) | SGD final % | drop | noisy-label fit "
           "% (lowest → final) | onset |", "|---|---|---|---|---|---|---|---|"]
@@ -369,7 +391,7 @@ def pages(study: dict) -> dict[str, str]:
   """The generated docs pages, by file name under ``docs/_generated``."""
   tail = _provenance(study)
   return {"study_headline.md": headline_table(study) + tail,
-          "study_gains.md": gains_table(study) + tail,
+          "study_gains.md": verdict_sentence(study) + gains_table(study) + tail,
           "study_regime.md": regime_table(study) + tail,
           "study_variants.md": variants_table(study) + tail,
           "study_rho.md": rho_table(study) + tail,
