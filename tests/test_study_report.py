@@ -41,8 +41,10 @@ def test_summaries_of_made_up_runs_by_hand():
     results[(sr.MAIN, "sam@0.2", s)] = _run(f_sam, 0.87, flat)
     results[(sr.MAIN, "sgd+epochs=8", s)] = _run(f_long, 0.85, rising, epochs=8)
     results[(sr.MAIN, "sgd+epochs=6", s)] = _run(f_long - 0.01, 0.85, rising, epochs=6)
-  timing = {"ratio": {"sgd": 1.0, "sam@0.2": 1.9, "sam": 1.9}}
-  chosen = {"sgd": "sgd", "sam": "sam@0.2"}
+    for spec, e in (("adamw", 4), ("adamw+epochs=8", 8), ("adamw+epochs=6", 6)):
+      results[(sr.MAIN, spec, s)] = _run(0.8, 0.8, rising, epochs=e)
+  timing = {"ratio": {"sgd": 1.0, "sam@0.2": 1.9, "sam": 1.9, "adamw": 1.1}}
+  chosen = {"sgd": "sgd", "adamw": "adamw", "sam": "sam@0.2"}
   choices = {"seeds": [0], "sam": {"0.2": 0.6}, "sweeps": {}}
   study = sr.summarize(results, timing, chosen, choices, epochs=4, matched=6, seeds=(0, 1))
   e = study["headline"]["equal_epochs"]
@@ -59,10 +61,16 @@ def test_summaries_of_made_up_runs_by_hand():
   mlp = study["regime"]["mlp"]
   assert mlp["0"]["best"] == pytest.approx(82.0) and mlp["0"]["final"] == pytest.approx(80.0)
   assert mlp["0"]["onset"] == 3 and mlp["0"]["memorizes"]   # 2 points down, fit rising
-  assert study["meta"]["complete"] is False   # AdamW's runs are missing
+  assert study["meta"]["complete"] and study["meta"]["seeds"] == [0, 1]
   gains = sr.gains_table(study)
   assert "| equal epochs | 4 | 81.00 |" in gains and "+6.00" in gains   # 87 - 81
   assert "| equal gradient evaluations | 8 | 83.50 |" in gains and "+3.50" in gains
+  # a partial study: seed 1 lacks SAM's run, so every MLP row covers seed 0 only
+  del results[(sr.MAIN, "sam@0.2", 1)]
+  part = sr.summarize(results, timing, chosen, choices, epochs=4, matched=6, seeds=(0, 1))
+  assert not part["meta"]["complete"] and part["meta"]["seeds"] == [0]
+  assert part["headline"]["equal_epochs"]["sgd"]["final"] == pytest.approx(80.0)
+  assert part["headline"]["equal_epochs"]["sam"]["seeds"] == 1
 
 
 def test_replace_block_needs_both_markers():
@@ -87,15 +95,19 @@ needs_study = pytest.mark.skipif(not STUDY.exists(), reason="benchmarks/study.js
 
 @needs_study
 def test_study_json_has_what_the_issue_asks():
+  """Every headline row whole; every method and every compute match once the study is
+  complete (a partial study, committed while its runs go on, says so in ``meta``)."""
   study = json.loads(STUDY.read_text())
   assert set(study["headline"]) == set(sr.MATCHES)
   for match, rows in study["headline"].items():
-    assert {"sgd", "adamw", "sam"} <= set(rows), match
+    if study["meta"]["complete"]:
+      assert set(sr.LABELS) <= set(rows), (match, set(sr.LABELS) - set(rows))
     for method, row in rows.items():
       for key in ("final", "val_chosen", "noisy_fit", "time_ratio"):
         assert row[key] is not None and np.isfinite(row[key]), (match, method, key)
-  assert study["headline"]["equal_gradient_evaluations"]["sgd"]["epochs"] == 2 * study[
-      "meta"]["epochs"]
+  if "sgd" in study["headline"]["equal_gradient_evaluations"]:
+    assert study["headline"]["equal_gradient_evaluations"]["sgd"]["epochs"] == 2 * study[
+        "meta"]["epochs"]
   mlp = study["regime"]["mlp"]
   assert mlp, "the regime needs SGD's runs on the MLP at 40% noise"
   for seed, r in mlp.items():
@@ -111,8 +123,9 @@ def test_study_json_agrees_with_the_stored_runs():
   task = sr.MAIN
   for match, rows in study["headline"].items():
     for method, row in rows.items():
-      files = sorted((RUNS / task / row["spec"].replace("/", "_")).glob("seed*.json"))
-      runs = [json.loads(f.read_text()) for f in files]
+      folder = RUNS / task / row["spec"].replace("/", "_")
+      runs = [json.loads((folder / f"seed{k}.json").read_text())
+              for k in study["meta"]["seeds"] if (folder / f"seed{k}.json").exists()]
       assert len(runs) == row["seeds"], (match, method)
       for key in ("final", "val_chosen", "noisy_fit"):
         assert row[key] == pytest.approx(100 * np.mean([r[key] for r in runs]), abs=1e-9)
