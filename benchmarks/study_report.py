@@ -358,10 +358,18 @@ def frontier_sentence(study: dict) -> str:
     else:
       lose.append(item)
   say = lambda xs: ", ".join(xs) if xs else "none"
+  keepers = [(e["time_ratio"], m) for m, e in h.items()
+             if m not in BASELINES and m not in ("sam", "sam@0.05", "sam@auto")
+             and e["time_ratio"] is not None and e["final"] - sgd >= 0.5 * gain]
+  cheapest = ""
+  if keepers:
+    r, m = min(keepers)
+    cheapest = (f" The cheapest variant that keeps at least half of SAM's gain is {LABELS[m]}, "
+                f"at {r:.2f}× SGD's time.")
   return (f"SAM at its chosen radius gains {gain:+.2f} points over SGD at equal epochs "
           f"({h['sam']['time_ratio']:.2f}× SGD's time). At no more than {CHEAP}× SGD's time, "
           f"the variants that keep at least half of that gain are: {say(keep)}; those that lose "
-          f"it: {say(lose)}. Above {CHEAP}×: {say(dear)}.\n")
+          f"it: {say(lose)}. Above {CHEAP}×: {say(dear)}.{cheapest}\n")
 
 
 def reference_table(study: dict) -> str:
