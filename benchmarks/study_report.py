@@ -435,6 +435,10 @@ def readme_block(study: dict) -> str:
   if "sgd" in g:
     parts.append(f" and {g['sgd']['final']:.2f}% for SGD given SAM's gradient evaluations "
                  f"({g['sgd']['epochs']} epochs)")
+  if "sgd" in g:
+    parts.append(f". Stopped at the epoch the noisy validation split picks, the gap is smaller: "
+                 f"{e['sam']['val_chosen']:.2f}% for SAM against {g['sgd']['val_chosen']:.2f}% "
+                 f"for SGD at SAM's gradient evaluations")
   if "sam@auto" in e:
     parts.append(f"; `rho=\"auto\"` ends at {e['sam@auto']['final']:.2f}% with no grid")
   if "sam@0.05" in e:
