@@ -218,6 +218,11 @@ def _num(x, digits: int = 2, suffix: str = "") -> str:
   return "–" if x is None else f"{x:.{digits}f}{suffix}"
 
 
+def _table(header: str, body: list[str]) -> str:
+  """A markdown table: the header row (``| a | b |``), its separator, the body rows."""
+  return "\n".join([header, "|" + "---|" * (header.count("|") - 1)] + body) + "\n"
+
+
 def _setting(spec: str) -> str:
   """The setting a spec names, in words (ρ, λ, m, epochs)."""
   parts = []
@@ -234,8 +239,9 @@ def _setting(spec: str) -> str:
 def headline_table(study: dict) -> str:
   """Every method at 40% noise with the baselines under the three compute matches."""
   h = study["headline"]
-  rows = ["| method | setting | final % | at the validation-chosen epoch % | noisy-label fit % "
-          "| time / SGD |", "|---|---|---|---|---|---|"]
+  header = ("| method | setting | final % | at the validation-chosen epoch % | noisy-label fit % "
+          "| time / SGD |")
+  rows: list[str] = []
   for match in MATCHES:
     for method, e in h[match].items():
       if match != "equal_epochs" and method not in BASELINES:
@@ -244,14 +250,15 @@ def headline_table(study: dict) -> str:
       rows.append(f"| {label} | {_setting(e['spec'])} | {_pm(e, 'final')} | "
                   f"{_num(e['val_chosen'])} | {_num(e['noisy_fit'], 1)} | "
                   f"{_num(e['time_ratio'], 2, '×')} |")
-  return "\n".join(rows) + "\n"
+  return _table(header, rows)
 
 
 def gains_table(study: dict) -> str:
   """SAM's (chosen ρ) and ``rho="auto"``'s gain over SGD and AdamW under each match."""
   h = study["headline"]
-  rows = ["| compute match | SGD epochs | SGD final % | AdamW final % | SAM − SGD | SAM − AdamW "
-          "| auto − SGD |", "|---|---|---|---|---|---|---|"]
+  header = ("| compute match | SGD epochs | SGD final % | AdamW final % | SAM − SGD | SAM − AdamW "
+          "| auto − SGD |")
+  rows: list[str] = []
   for match in MATCHES:
     sgd, adamw = h[match].get("sgd"), h[match].get("adamw")
     sam, auto = h[match].get("sam"), h[match].get("sam@auto")
@@ -261,7 +268,7 @@ def gains_table(study: dict) -> str:
     rows.append(f"| {MATCH_TITLES[match]} | {sgd['epochs']} | {sgd['final']:.2f} | "
                 f"{_num(adamw and adamw['final'])} | {gap(sam, sgd)} | {gap(sam, adamw)} | "
                 f"{gap(auto, sgd)} |")
-  return "\n".join(rows) + "\n"
+  return _table(header, rows)
 
 
 def verdict_sentence(study: dict) -> str:
@@ -287,38 +294,40 @@ def verdict_sentence(study: dict) -> str:
 
 
 def regime_table(study: dict) -> str:
-  rows = ["| model | seed | epochs | SGD best % (epoch) | SGD final % | drop | noisy-label fit "
-          "% (lowest → final) | onset |", "|---|---|---|---|---|---|---|---|"]
+  header = ("| model | seed | epochs | SGD best % (epoch) | SGD final % | drop | noisy-label fit "
+          "% (lowest → final) | onset |")
+  rows: list[str] = []
   for model, seeds in study["regime"].items():
     for seed, r in seeds.items():
       rows.append(f"| {model.upper()} | {seed} | {r['epochs']} | {r['best']:.2f} "
                   f"({r['best_epoch']}) | {r['final']:.2f} | {r['best'] - r['final']:.2f} | "
                   f"{r['noisy_fit_lowest']:.1f} → {r['noisy_fit_final']:.1f} | "
                   f"{r['onset'] if r['onset'] is not None else 'none'} |")
-  return "\n".join(rows) + "\n"
+  return _table(header, rows)
 
 
 def variants_table(study: dict) -> str:
   """Every method at 40% noise, equal epochs, with the robustness and sharpness columns."""
   h = study["headline"]["equal_epochs"]
   t = study["tables"][MAIN]
-  rows = ["| method | final % | val-chosen % | corrupted % | ECE | λ_max | adaptive sharpness "
-          "| time / SGD |", "|---|---|---|---|---|---|---|---|"]
+  header = ("| method | final % | val-chosen % | corrupted % | ECE | λ_max | adaptive sharpness "
+          "| time / SGD |")
+  rows: list[str] = []
   for method, e in h.items():
     full = t[e["spec"]]
     rows.append(f"| {LABELS[method]} | {_pm(full, 'final')} | {_num(full.get('val_chosen'))} | "
                 f"{_num(full.get('corrupted_mean'))} | {_num(full.get('ece'), 3)} | "
                 f"{_num(full.get('lambda_max'), 2)} | {_num(full.get('adaptive_sharpness'), 4)} "
                 f"| {_num(e['time_ratio'], 2, '×')} |")
-  return "\n".join(rows) + "\n"
+  return _table(header, rows)
 
 
 def rho_table(study: dict) -> str:
   """SAM's grid and the swept methods on the choice seeds' noisy validation split."""
   c = study["choices"]
   t = study["tables"][MAIN]
-  rows = ["| method | value | noisy validation % (best epoch) | final test % | noisy-label fit % |",
-          "|---|---|---|---|---|"]
+  header = "| method | value | noisy validation % (best epoch) | final test % | noisy-label fit % |"
+  rows: list[str] = []
 
   def row(label, method, spec, value, val):
     runs = t.get(spec)
@@ -335,7 +344,7 @@ def rho_table(study: dict) -> str:
   for name, scores in c["sweeps"].items():
     for v, val in scores.items():
       row(LABELS[name], name, f"{name}@{float(v):g}", f"ρ = {v}", val)
-  return "\n".join(rows) + "\n"
+  return _table(header, rows)
 
 
 def frontier_sentence(study: dict) -> str:
@@ -374,16 +383,16 @@ def frontier_sentence(study: dict) -> str:
 
 def reference_table(study: dict) -> str:
   """The references: the MLP on clean labels and the CNN at 40% noise, where they ran."""
-  rows = ["| model | method | seeds | final % | val-chosen % | best % | noisy-label fit % |",
-          "|---|---|---|---|---|---|---|"]
+  header = "| model | method | seeds | final % | val-chosen % | best % | noisy-label fit % |"
+  rows: list[str] = []
   for task in ("fmnist_mlp_noise0", "fmnist_cnn_noise40"):
     for spec, e in study["tables"].get(task, {}).items():
       rows.append(f"| {TASK_TITLES[task]} | {_method_of(spec)} | {e['seeds']} | "
                   f"{_pm(e, 'final')} | {_num(e.get('val_chosen'))} | {_num(e.get('best'))} | "
                   f"{_num(e.get('noisy_fit'), 1)} |")
-  if len(rows) == 2:
+  if not rows:
     rows.append("| – | not run | – | – | – | – | – |")
-  return "\n".join(rows) + "\n"
+  return _table(header, rows)
 
 
 def _method_of(spec: str) -> str:
