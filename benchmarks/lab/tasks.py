@@ -237,30 +237,18 @@ class ImageTask:
     whose schedule has the full run's shape (late-phase SAM in its last quarter, LookSAM's
     and randomized SAM's skipped passes, SAF's and MESA's term), for run-time ratios."""
     data = load(self.dataset, seed, self.noise, self.val, self.limit)
-    spe = len(data.y) // self.batch
-    steps = epochs * spe
-    built = build(spec, self.base(steps), steps, spe, epochs)
+    loop = _Loop(self, spec, data, epochs)
     model = self.make_model()
-    step = _make_step(built)
-    x, y = jnp.asarray(data.x), jnp.asarray(data.y)
     key = jax.random.key(seed)
-    orders = [jnp.asarray(np.random.default_rng(e).permutation(len(data.y))[: spe * self.batch]
-                          .reshape(spe, self.batch), jnp.int32) for e in range(epochs)]
-    epoch_fn = _scan_epoch(step, built.kind == "saf") if self.loop == "scan" else None
-    step_fn = (so.gated_jit(step) if built.gated else jax.jit(step)) if epoch_fn is None else None
+    orders = [jnp.asarray(np.random.default_rng(e).permutation(len(data.y))[: loop.rows]
+                          .reshape(loop.spe, self.batch), jnp.int32) for e in range(epochs)]
 
     def timed() -> float:
-      state = _init_state(model, built, data, seed)
+      state = _init_state(model, loop.built, data, seed)
       jax.block_until_ready(state.params)
       t0 = time.perf_counter()
       for e, order in enumerate(orders):
-        if epoch_fn is not None:
-          state, _ = epoch_fn(state, x, y, order, key, e * spe)
-        else:
-          for i in range(spe):
-            idx = order[i]
-            batch = (x[idx], y[idx]) + ((idx,) if built.kind == "saf" else ())
-            state, _ = step_fn(state, batch, jax.random.fold_in(key, e * spe + i))
+        state, _ = loop.epoch(state, order, key, e)
       jax.block_until_ready(state.params)
       return time.perf_counter() - t0
 
@@ -269,36 +257,19 @@ class ImageTask:
   def run(self, spec: Spec, seed: int, tick: Callable, measure: bool = False) -> dict:
     data = load(self.dataset, seed, self.noise, self.val, self.limit)
     epochs = self.epochs_of(spec)
-    spe = len(data.y) // self.batch
-    steps = epochs * spe
-    built = build(spec, self.base(steps), steps, spe, epochs)
+    loop = _Loop(self, spec, data, epochs)
+    built, spe = loop.built, loop.spe
     model = self.make_model()
     state = _init_state(model, built, data, seed)
-    step = _make_step(built)
     ev = evaluator(model)
-    x, y = jnp.asarray(data.x), jnp.asarray(data.y)
     key = jax.random.key(seed)
     rng = np.random.default_rng(seed)
     curves: dict[str, list] = {k: [] for k in ("train_loss", "test_acc", "val_acc", "noisy_fit",
                                                "seconds")}
-    epoch_fn = _scan_epoch(step, built.kind == "saf") if self.loop == "scan" else None
-    step_fn = (so.gated_jit(step) if built.gated else jax.jit(step)) if epoch_fn is None else None
     for epoch in range(epochs):
-      order = rng.permutation(len(data.y))[: spe * self.batch].reshape(spe, self.batch)
+      order = rng.permutation(len(data.y))[: loop.rows].reshape(spe, self.batch)
       t0 = time.perf_counter()
-      if epoch_fn is not None:
-        state, means = epoch_fn(state, x, y, jnp.asarray(order, jnp.int32), key, epoch * spe)
-        means = jax.device_get(means)
-      else:
-        sums: dict[str, float] = {}
-        for i in range(spe):
-          idx = jnp.asarray(order[i])
-          batch = (x[idx], y[idx]) + ((idx,) if built.kind == "saf" else ())
-          state, m = step_fn(state, batch, jax.random.fold_in(key, epoch * spe + i))
-          for k in STEP_METRICS:
-            if k in m:
-              sums[k] = sums.get(k, 0.0) + m[k]
-        means = {k: float(v) / spe for k, v in jax.device_get(sums).items()}
+      state, means = loop.epoch(state, jnp.asarray(order, jnp.int32), key, epoch)
       jax.block_until_ready(state.params)
       curves["seconds"].append(time.perf_counter() - t0)
       variables = _variables(built, spec, state)
@@ -322,6 +293,44 @@ class ImageTask:
     if "sam_step_fraction" in stats:
       out["sam_step_fraction"] = float(stats["sam_step_fraction"])
     return out
+
+
+class _Loop:
+  """The training loop of one spec on one task's data, shared by a full run and the timing
+  run: the method built for ``epochs`` epochs of whole batches, and one epoch over given
+  batch index rows as one compiled scan (``loop="scan"``) or one jitted step per batch
+  (``gated_jit`` for the methods that skip passes)."""
+
+  def __init__(self, task: ImageTask, spec: Spec, data: Data, epochs: int):
+    self.batch = task.batch
+    self.spe = len(data.y) // task.batch
+    self.rows = self.spe * task.batch
+    steps = epochs * self.spe
+    self.built = build(spec, task.base(steps), steps, self.spe, epochs)
+    self.x, self.y = jnp.asarray(data.x), jnp.asarray(data.y)
+    self.with_indices = self.built.kind == "saf"
+    step = _make_step(self.built)
+    self.epoch_fn = _scan_epoch(step, self.with_indices) if task.loop == "scan" else None
+    self.step_fn = None
+    if self.epoch_fn is None:
+      self.step_fn = so.gated_jit(step) if self.built.gated else jax.jit(step)
+
+  def epoch(self, state: Any, order: jax.Array, key: jax.Array, epoch: int) -> tuple[Any, dict]:
+    """Trains one epoch over ``order`` (``[steps, batch]`` int32 image indices); returns the
+    state and the epoch means of the step metrics the method records."""
+    first = epoch * self.spe
+    if self.epoch_fn is not None:
+      state, means = self.epoch_fn(state, self.x, self.y, order, key, first)
+      return state, jax.device_get(means)
+    sums: dict[str, Any] = {}
+    for i in range(self.spe):
+      idx = order[i]
+      batch = (self.x[idx], self.y[idx]) + ((idx,) if self.with_indices else ())
+      state, m = self.step_fn(state, batch, jax.random.fold_in(key, first + i))
+      for k in STEP_METRICS:
+        if k in m:
+          sums[k] = sums.get(k, 0.0) + m[k]
+    return state, {k: float(v) / self.spe for k, v in jax.device_get(sums).items()}
 
 
 def summarize_curves(curves: dict, epochs: int) -> dict:
