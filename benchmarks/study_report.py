@@ -125,7 +125,10 @@ def summarize(results: dict, timing: dict | None, chosen: dict, choices: dict, e
   match_specs = {"equal_epochs": {b: b for b in BASELINES},
                  "equal_gradient_evaluations": {b: f"{b}+epochs={2 * epochs}" for b in BASELINES},
                  "equal_wall_clock": {b: f"{b}+epochs={matched}" for b in BASELINES}}
-  needed = set(chosen.values()) | {s for m in match_specs.values() for s in m.values()}
+  # a seed is whole once every method but m-SAM has run on it: m-SAM runs last (its step
+  # costs several SAM steps) and its row gives the seeds it has (``seeds`` of its entry)
+  needed = ({s for s in chosen.values() if "+m=" not in s}
+            | {s for m in match_specs.values() for s in m.values()})
   whole = [s for s in seeds if all((MAIN, spec, s) in results for spec in needed)]
   used = tuple(whole) if whole else tuple(seeds[:1])   # a partial study: whole seeds only
 
@@ -178,7 +181,8 @@ def summarize(results: dict, timing: dict | None, chosen: dict, choices: dict, e
 
   curves = {m: {k: v.tolist() for k, v in mean_curves(runs_of(MAIN, spec)).items()}
             for m, spec in chosen.items() if runs_of(MAIN, spec)}
-  complete = len(whole) == len(seeds)
+  complete = len(whole) == len(seeds) and all(
+      (MAIN, spec, s) in results for spec in chosen.values() for s in seeds)
   return {
       "meta": {"machine": f"{platform.machine()}, {os.cpu_count()} CPU cores",
                "python": platform.python_version(), "jax": _version("jax"),
@@ -247,6 +251,8 @@ def headline_table(study: dict) -> str:
       if match != "equal_epochs" and method not in BASELINES:
         continue
       label = LABELS[method] + ("" if match == "equal_epochs" else f" ({MATCH_TITLES[match]})")
+      if e["seeds"] < len(study["meta"]["seeds"]):
+        label += f" ({e['seeds']} seed{'s' if e['seeds'] > 1 else ''})"
       rows.append(f"| {label} | {_setting(e['spec'])} | {_pm(e, 'final')} | "
                   f"{_num(e['val_chosen'])} | {_num(e['noisy_fit'], 1)} | "
                   f"{_num(e['time_ratio'], 2, '×')} |")

@@ -71,6 +71,17 @@ def test_summaries_of_made_up_runs_by_hand():
   assert not part["meta"]["complete"] and part["meta"]["seeds"] == [0]
   assert part["headline"]["equal_epochs"]["sgd"]["final"] == pytest.approx(80.0)
   assert part["headline"]["equal_epochs"]["sam"]["seeds"] == 1
+  # m-SAM runs last: with seed 0 only, the two other methods keep both seeds and m-SAM's row
+  # says it has one
+  results[(sr.MAIN, "sam@0.2", 1)] = _run(0.88, 0.87, flat)
+  results[(sr.MAIN, "sam@0.2+m=32", 0)] = _run(0.85, 0.86, flat)
+  chosen_m = dict(chosen, **{"sam+m=32": "sam@0.2+m=32"})
+  with_m = sr.summarize(results, timing, chosen_m, choices, epochs=4, matched=6, seeds=(0, 1))
+  assert with_m["meta"]["seeds"] == [0, 1] and not with_m["meta"]["complete"]
+  m_row = with_m["headline"]["equal_epochs"]["sam+m=32"]
+  assert m_row["seeds"] == 1 and m_row["final"] == pytest.approx(85.0)
+  assert "| m-SAM, m = 32 (1 seed) |" in sr.headline_table(with_m)
+  assert "| SAM, ρ chosen |" in sr.headline_table(with_m)
 
 
 def test_replace_block_needs_both_markers():
