@@ -26,7 +26,7 @@ noise, the init, the batches).
   (SGD and AdamW for 80 epochs, SAM's two passes per step); equal wall clock (SGD and AdamW
   for the epochs SAM's measured time buys).
 * **Time**: each method's seconds per epoch, measured in one interleaved timing run (two
-  epochs each, three rounds, the median), as a ratio to SGD's.
+  epochs each, five rounds; the median of each round's ratio to SGD's).
 * **References**, run last and cut first: the MLP with clean labels (SGD, SAM at its chosen
   radius, ``rho="auto"``) and the ResNet-style CNN with BatchNorm at 40% noise, 8 epochs (SGD,
   SAM at 0.05).
@@ -221,11 +221,12 @@ REFERENCES = {"fmnist_mlp_noise0": ("sgd", "sam@{rho}", "sam@auto"),
 # ------------------------------------------------------------------------- timing
 
 
-def measure_timing(task: ImageTask, specs: list[str], rounds: int = 3, epochs: int = 2,
+def measure_timing(task: ImageTask, specs: list[str], rounds: int = 5, epochs: int = 2,
                    log=print) -> dict:
   """Seconds per epoch of each spec on this task's training loop: short runs of ``epochs``
   epochs from a fresh state with the full run's schedule shape, interleaved over the specs,
-  ``rounds`` times after a compiling run; the median, and its ratio to SGD's."""
+  ``rounds`` times after a compiling run; the median, and the ratios to SGD's
+  (:func:`time_ratios`)."""
   timers = {}
   for i, s in enumerate(specs):
     timers[s] = task.epoch_timer(Spec.parse(s), epochs)
@@ -238,8 +239,15 @@ def measure_timing(task: ImageTask, specs: list[str], rounds: int = 3, epochs: i
     log(f"timing: round {r + 1}/{rounds}")
   per_epoch = {s: float(np.median(v)) for s, v in seconds.items()}
   return {"seconds_per_epoch": per_epoch, "rounds": rounds, "epochs": epochs,
-          "ratio": {s: per_epoch[s] / per_epoch["sgd"] for s in specs},
-          "runs": {s: v for s, v in seconds.items()}}
+          "ratio": time_ratios(seconds), "runs": {s: v for s, v in seconds.items()}}
+
+
+def time_ratios(seconds: dict[str, list]) -> dict[str, float]:
+  """Each spec's time as a multiple of SGD's: the median over rounds of its time divided by
+  SGD's in the same round, so that a slow round (the machine busy with something else)
+  slows both sides of a ratio instead of one."""
+  base = np.asarray(seconds["sgd"], float)
+  return {s: float(np.median(np.asarray(v, float) / base)) for s, v in seconds.items()}
 
 
 def timing_specs(results: dict, all_tasks: dict) -> list[str] | None:

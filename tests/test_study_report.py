@@ -200,3 +200,15 @@ def test_the_plan_makes_each_choice_before_it_is_needed(monkeypatch):
   groups = [i for i, r in enumerate(rows) if "+m=" in r[1]]
   main_rows = [i for i, r in enumerate(rows) if r[0] == st.MAIN and "+m=" not in r[1]]
   assert min(groups) > max(main_rows)               # m-sharpness after every other method
+
+
+def test_time_ratios_pair_each_round_with_sgds():
+  from benchmarks import study as st
+  # round 2 ran while the machine was busy: both took 3x longer; paired ratios ignore it
+  seconds = {"sgd": [1.0, 3.0, 1.0], "sam": [2.0, 6.0, 2.2], "cheap": [1.2, 3.9, 1.3]}
+  r = st.time_ratios(seconds)
+  assert r["sgd"] == 1.0
+  assert r["sam"] == pytest.approx(2.0)    # median of 2.0, 2.0, 2.2
+  assert r["cheap"] == pytest.approx(1.3)  # median of 1.2, 1.3, 1.3
+  # the ratio of medians would read SAM's 2.2 against SGD's 1.0 here
+  assert np.median(seconds["sam"]) / np.median(seconds["sgd"]) == pytest.approx(2.2)
