@@ -240,6 +240,14 @@ def _setting(spec: str) -> str:
   return ", ".join(parts) or "–"
 
 
+def _label(study: dict, method: str, entry: dict) -> str:
+  """The method's name in the tables, with its seeds' count where it has fewer than the
+  study's (m-SAM, run last, in a study cut short)."""
+  n = entry["seeds"]
+  short = n < len(study["meta"]["seeds"])
+  return LABELS[method] + (f" ({n} seed{'s' if n > 1 else ''})" if short else "")
+
+
 def headline_table(study: dict) -> str:
   """Every method at 40% noise with the baselines under the three compute matches."""
   h = study["headline"]
@@ -250,9 +258,8 @@ def headline_table(study: dict) -> str:
     for method, e in h[match].items():
       if match != "equal_epochs" and method not in BASELINES:
         continue
-      label = LABELS[method] + ("" if match == "equal_epochs" else f" ({MATCH_TITLES[match]})")
-      if e["seeds"] < len(study["meta"]["seeds"]):
-        label += f" ({e['seeds']} seed{'s' if e['seeds'] > 1 else ''})"
+      label = (_label(study, method, e)
+               + ("" if match == "equal_epochs" else f" ({MATCH_TITLES[match]})"))
       rows.append(f"| {label} | {_setting(e['spec'])} | {_pm(e, 'final')} | "
                   f"{_num(e['val_chosen'])} | {_num(e['noisy_fit'], 1)} | "
                   f"{_num(e['time_ratio'], 2, '×')} |")
@@ -321,7 +328,8 @@ def variants_table(study: dict) -> str:
   rows: list[str] = []
   for method, e in h.items():
     full = t[e["spec"]]
-    rows.append(f"| {LABELS[method]} | {_pm(full, 'final')} | {_num(full.get('val_chosen'))} | "
+    rows.append(f"| {_label(study, method, full)} | {_pm(full, 'final')} | "
+                f"{_num(full.get('val_chosen'))} | "
                 f"{_num(full.get('corrupted_mean'))} | {_num(full.get('ece'), 3)} | "
                 f"{_num(full.get('lambda_max'), 2)} | {_num(full.get('adaptive_sharpness'), 4)} "
                 f"| {_num(e['time_ratio'], 2, '×')} |")
