@@ -302,7 +302,6 @@ class _Loop:
   (``gated_jit`` for the methods that skip passes)."""
 
   def __init__(self, task: ImageTask, spec: Spec, data: Data, epochs: int):
-    self.batch = task.batch
     self.spe = len(data.y) // task.batch
     self.rows = self.spe * task.batch
     steps = epochs * self.spe
